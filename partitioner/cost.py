@@ -238,8 +238,7 @@ def evaluate(
     for k, spec in enumerate(specs):
         if spec.memory is not None and params[k] + acts[k] > spec.memory:
             violations.append(
-                f"stage {k} needs {params[k] + acts[k]} bytes on {spec.name} "
-                f"(limit {spec.memory})"
+                f"stage {k} needs {params[k] + acts[k]} bytes on {spec.name} (limit {spec.memory})"
             )
         cost = time[k] / spec.speed + comm_time[k]
         stages.append(StageCost(time[k], in_bytes[k], cost, params[k], acts[k], count[k]))

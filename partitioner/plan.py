@@ -17,8 +17,8 @@ from partitioner.cost import (
     DEFAULT_BANDWIDTH,
     Assignment,
     Bandwidth,
-    DeviceSpec,
     DevicesLike,
+    DeviceSpec,
     evaluate,
     normalize_devices,
 )
@@ -153,7 +153,8 @@ class Plan:
         except json.JSONDecodeError as e:
             raise PlanError(
                 f"plan file {os.fspath(path)!r} is not valid JSON "
-                f"(line {e.lineno}, column {e.colno}: {e.msg}); re-create it with `modelsplit plan`"
+                f"(line {e.lineno}, column {e.colno}: {e.msg}); "
+                f"re-create it with `modelsplit plan`"
             ) from e
         return _plan_from_dict(data)
 
@@ -238,9 +239,7 @@ def _plan_from_dict(data: Mapping[str, Any]) -> Plan:
                 f"outside 0..{len(stages) - 1}"
             )
     if len(stages) > len(specs):
-        raise PlanError(
-            f"plan field 'stages' lists {len(stages)} stages for {len(specs)} devices"
-        )
+        raise PlanError(f"plan field 'stages' lists {len(stages)} stages for {len(specs)} devices")
     status = _need(data, "status", str)
     if status not in STATUSES:
         raise PlanError(f"plan field 'status' is {status!r}, not one of {STATUSES}")
