@@ -13,6 +13,7 @@ from torch import nn
 
 from partitioner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec, parse_bytes
 from partitioner.plan import Plan
+from partitioner.retarget import retarget
 
 __all__ = ["ModelSplitter", "auto_partition", "resolve_devices"]
 
@@ -64,8 +65,8 @@ def resolve_devices(
     return [
         DeviceSpec(
             s.name,
-            s.memory if mems[k] is None else parse_bytes(mems[k]),  # type: ignore[arg-type]
-            s.speed if speeds[k] is None else float(speeds[k]),  # type: ignore[arg-type]
+            s.memory if mems[k] is None else parse_bytes(mems[k]),
+            s.speed if speeds[k] is None else float(speeds[k]),
         )
         for k, s in enumerate(specs)
     ]
@@ -232,6 +233,8 @@ def place(stages: Sequence[nn.Module], devices: Sequence[str]) -> None:
                 )
             if tensor.device != dev:
                 tensor.data = tensor.data.to(dev)
+        if dev.type != "cpu" and isinstance(stage, torch.fx.GraphModule):
+            retarget(stage, dev)  # torch.export burns the trace device into factory calls
 
 
 def auto_partition(

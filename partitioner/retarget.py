@@ -1,0 +1,79 @@
+"""Retarget a stage graph's burnt-in devices to the device the stage runs on.
+
+`torch.export` records the trace device in the graph: factory calls carry
+``device=cpu`` (``aten.arange``, ``aten.full``...), casts carry it
+(``aten.to.dtype_layout``) and ``aten._assert_tensor_metadata`` checks it. A stage
+moved to ``cuda:1`` would still make its position ids on the CPU. `retarget`
+rewrites those arguments, as `torch.export.passes.move_to_device_pass` does for an
+ExportedProgram, but for one stage GraphModule and without touching its weights
+(placing weights is the caller's job: see `partitioner.splitter.place`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx
+
+__all__ = ["retarget"]
+
+log = logging.getLogger(__name__)
+
+DeviceLike = torch.device | str
+
+
+def retarget(stage: torch.fx.GraphModule, device: DeviceLike) -> torch.fx.GraphModule:
+    """Rewrite every device argument in ``stage``'s graph to ``device``; returns ``stage``.
+
+    Nested graph modules a ``get_attr`` reaches (higher-order op bodies such as
+    ``wrap_with_set_grad_enabled``) are replaced by retargeted copies, so the
+    traced module they came from keeps its own. Node ``meta["val"]`` is left as
+    traced.
+    """
+    target = torch.device(device)
+    changed = _retarget_graph(stage.graph, target)
+    for node in stage.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner, _, name = str(node.target).rpartition(".")
+        parent = stage.get_submodule(owner)
+        sub = getattr(parent, name)
+        if isinstance(sub, torch.fx.GraphModule):
+            copied = torch.fx.GraphModule(sub, _copy_graph(sub.graph), sub.__class__.__name__)
+            retarget(copied, target)
+            setattr(parent, name, copied)
+    if changed:
+        stage.recompile()
+    log.debug(
+        "retargeted %s device argument(s) of %s to %s", changed, type(stage).__name__, target
+    )
+    return stage
+
+
+def _retarget_graph(graph: torch.fx.Graph, device: torch.device) -> int:
+    changed = 0
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        if isinstance(node.kwargs.get("device"), torch.device | str):
+            node.kwargs = {**node.kwargs, "device": device}
+            changed += 1
+        args = list(node.args)
+        hits = [i for i, a in enumerate(args) if isinstance(a, torch.device)]
+        for i in hits:
+            args[i] = device
+        if hits:
+            node.args = tuple(args)
+            changed += len(hits)
+    return changed
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    copied = torch.fx.Graph()
+    env: dict[torch.fx.Node, Any] = {}
+    result = copied.graph_copy(graph, env)
+    copied.output(result)
+    copied._codegen = graph._codegen
+    return copied
