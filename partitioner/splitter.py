@@ -13,6 +13,7 @@ from torch import nn
 
 from partitioner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec, parse_bytes
 from partitioner.plan import Plan
+from partitioner.recovery import HostCopy, StateDictSource, survivors, timed_replan
 from partitioner.retarget import retarget
 
 __all__ = ["ModelSplitter", "auto_partition", "resolve_devices"]
@@ -103,6 +104,8 @@ class _Compiled:
     stages: list[torch.fx.GraphModule]
     pipeline: Any
     graph: Any  # the CostGraph, kept for re-planning without re-profiling
+    gm: Any = None  # the traced module, kept for re-splitting after a failure
+    generation: int = 0  # the device set it was planned for (see ModelSplitter.revive)
 
 
 def _signature_key(args: Sequence[Any], kwargs: Mapping[str, Any], training: bool) -> Any:
@@ -237,6 +240,15 @@ def place(stages: Sequence[nn.Module], devices: Sequence[str]) -> None:
             retarget(stage, dev)  # torch.export burns the trace device into factory calls
 
 
+def _weight_source(
+    on_failure: str, recovery: str, path: str | None
+) -> HostCopy | StateDictSource | None:
+    """Where lost weights come back from after a failure ([Note: re-planning])."""
+    if on_failure != "replan":
+        return None
+    return StateDictSource(path) if recovery == "state-dict" and path else HostCopy()
+
+
 def auto_partition(
     model: nn.Module,
     example_inputs: Sequence[Any],
@@ -311,6 +323,9 @@ class ModelSplitter(nn.Module):
         cost: str = "time",
         checkpoint: str = "never",
         on_failure: str = "raise",
+        stage_timeout: float | None = None,
+        recovery: str = "host-copy",
+        state_dict_path: str | None = None,
         plan: Plan | None = None,
     ) -> None:
         super().__init__()
@@ -320,11 +335,20 @@ class ModelSplitter(nn.Module):
             raise ValueError(f"chunks must be a positive integer ({chunks} < 1)")
         if on_failure not in ("raise", "replan"):
             raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
+        if recovery not in ("host-copy", "state-dict"):
+            raise ValueError(f"recovery must be 'host-copy' or 'state-dict' (got {recovery!r})")
+        if recovery == "state-dict" and state_dict_path is None:
+            raise ValueError("recovery='state-dict' needs state_dict_path (a torch.save file)")
+        if stage_timeout is not None and not stage_timeout > 0:
+            raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
         if plan is not None and devices is None and num_devices is None:
             devices = list(plan.device_specs)
         specs = resolve_devices(num_devices, devices, memory, speed)
         self.__dict__["_model"] = model
         self.__dict__["_specs"] = specs
+        self.__dict__["_offered"] = list(specs)
+        self.__dict__["_generation"] = 0
+        self.__dict__["_source"] = _weight_source(on_failure, recovery, state_dict_path)
         self.__dict__["_opts"] = _Options(
             objective,
             bandwidth,
@@ -342,7 +366,10 @@ class ModelSplitter(nn.Module):
         self.chunks = chunks if chunks is not None else _default_chunks(len(specs))
         self.checkpoint = checkpoint
         self.on_failure = on_failure
+        self.stage_timeout = stage_timeout
+        self.recovery = recovery
         self.failed_devices: list[str] = []
+        self.recoveries: list[Any] = []  # runtime.resume.Recovery of each call that met one
         # Register the model's children and own tensors under their own names: the
         # splitter's parameters *are* the model's, and the stages share them too.
         self._modules.update(model._modules)
@@ -397,7 +424,18 @@ class ModelSplitter(nn.Module):
     # -- running ------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         compiled = self._compiled(args, kwargs)
-        return compiled.pipeline(*args, **kwargs)
+        source = self.__dict__["_source"]
+        if isinstance(source, HostCopy):
+            source.refresh(self.model)
+        pipeline = compiled.pipeline
+        output = pipeline(*args, **kwargs)
+        if self.on_failure == "replan":
+            from runtime.resume import last_recovery
+
+            record = last_recovery(pipeline)
+            if record is not None:
+                self.recoveries.append(record)
+        return output
 
     def _compiled(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> _Compiled:
         key = _signature_key(args, kwargs, self.training)
@@ -406,6 +444,8 @@ class ModelSplitter(nn.Module):
         if compiled is None:
             compiled = self._compile(args, kwargs)
             cache[key] = compiled
+        elif compiled.generation != self.__dict__["_generation"]:
+            self._refit(compiled)  # planned before the devices changed
         self.__dict__["_current"] = compiled
         return compiled
 
@@ -422,18 +462,65 @@ class ModelSplitter(nn.Module):
             self.__dict__["_given_plan"],
         )
         stages = split(gm, plan)
-        return _Compiled(plan, stages, self._build_pipeline(stages, plan), graph)
+        compiled = _Compiled(plan, stages, None, graph, gm, self.__dict__["_generation"])
+        compiled.pipeline = self._build_pipeline(stages, plan, compiled)
+        return compiled
 
-    def _build_pipeline(self, stages: list[torch.fx.GraphModule], plan: Plan) -> Any:
+    def _build_pipeline(
+        self, stages: list[torch.fx.GraphModule], plan: Plan, compiled: _Compiled
+    ) -> Any:
         from runtime import Pipeline
 
         place(stages, plan.devices)
-        return Pipeline(
+
+        def replan(pipeline: Any, failure: Any) -> Any:
+            return self._replan(compiled, failure)
+
+        pipeline = Pipeline(
             stages,
             [torch_device(d) for d in plan.devices],
             chunks=self.chunks,
             checkpoint=self.checkpoint,
+            on_failure=self.on_failure,
+            replan=replan,
+            stage_timeout=self.stage_timeout,
         )
+        pipeline.device_names = list(plan.devices)  # runtime.faults.device_names
+        return pipeline
+
+    # -- fault tolerance (partitioner/recovery.py, runtime/resume.py) --------
+    def _replan(self, compiled: _Compiled, failure: Any) -> Any:
+        """Re-plan ``compiled`` off a failed device: [Note: re-planning]."""
+        if failure.device not in self.failed_devices:
+            self.failed_devices.append(failure.device)
+        self._set_devices()
+        self._refit(compiled)
+        return compiled.pipeline
+
+    def _set_devices(self) -> None:
+        offered = self.__dict__["_offered"]
+        self.__dict__["_specs"] = survivors(offered, self.failed_devices)
+        self.__dict__["_generation"] += 1
+
+    def _refit(self, compiled: _Compiled) -> None:
+        """Solve, split and place ``compiled`` again on the current devices (cached graph)."""
+        timed_replan(
+            compiled,
+            self.model,
+            self.__dict__["_offered"],
+            self.failed_devices,
+            self.__dict__["_opts"],
+            self.__dict__["_source"],
+            lambda stages, plan: self._build_pipeline(stages, plan, compiled),
+        )
+        compiled.generation = self.__dict__["_generation"]
+
+    def revive(self, devices: Sequence[str] | None = None) -> None:
+        """Mark failed devices (all by default) healthy again, after a repair; each cached
+        plan is solved again from its CostGraph on its next call."""
+        back = set(self.failed_devices if devices is None else devices)
+        self.failed_devices[:] = [d for d in self.failed_devices if d not in back]
+        self._set_devices()
 
     def extra_repr(self) -> str:
         plan = self.plan

@@ -1,0 +1,128 @@
+"""Threaded runtime vs torch.distributed.pipelining: same machine, split and micro-batches.
+
+    .venv/bin/python benchmarks/distributed.py [--width 1024 --depth 8 --batch 64 --chunks 4]
+
+Plans one split of ``examples/models.py:mlp`` for 2 stages, then times it two
+ways with one intra-op thread per stage: `runtime.Pipeline` (two worker threads
+in this process) and `runtime.distributed` under torchrun (two gloo processes
+on 127.0.0.1). Prints a Markdown table of samples/s (medians of ``--repeats``
+alternating rounds) and the ratio distributed / threaded, forward and training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from examples.models import mlp  # noqa: E402
+from partitioner import auto_partition  # noqa: E402
+from partitioner.plan import Plan  # noqa: E402
+from runtime import Pipeline  # noqa: E402
+from runtime.distributed import split_for_ranks  # noqa: E402
+
+
+def threaded(args: argparse.Namespace, plan: Plan, train: bool) -> float:
+    """samples/s of runtime.Pipeline over the plan's stages (one thread each)."""
+    torch.manual_seed(0)
+    model = mlp(width=args.width, depth=args.depth).eval()
+    x = torch.randn(args.batch, args.width)
+    stages = split_for_ranks(model, (x,), {}, plan)
+    pipe = Pipeline(stages, ["cpu"] * len(stages), chunks=args.chunks, threads=1)
+    target = torch.randn(args.batch, args.width)
+
+    def step() -> None:
+        if train:
+            for p in model.parameters():
+                p.grad = None
+            nn.functional.mse_loss(pipe(x), target).backward()
+        else:
+            with torch.no_grad():
+                pipe(x)
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    return args.iters * args.batch / (time.perf_counter() - t0)
+
+
+def distributed(args: argparse.Namespace, plan_path: str, train: bool) -> float:
+    """samples/s of runtime.distributed, 2 gloo ranks on 127.0.0.1 (one thread each)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if os.path.exists("/sys/class/net/lo"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+        "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "runtime.distributed",
+        "examples/models.py:mlp", "--factory-kwargs",
+        f'{{"width": {args.width}, "depth": {args.depth}}}', "--plan", plan_path,
+        "--input-shape", f"{args.batch},{args.width}", "--chunks", str(args.chunks),
+        "--iters", str(args.iters), *(["--train"] if train else []),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    m = re.search(r"([0-9.]+) samples/s", res.stdout)
+    if res.returncode != 0 or m is None:
+        raise RuntimeError(f"torchrun failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return float(m.group(1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--chunks", type=int, default=4)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of each; medians reported")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = mlp(width=args.width, depth=args.depth).eval()
+    x = torch.randn(args.batch, args.width)
+    plan = auto_partition(model, (x,), num_devices=2, chunks=args.chunks)
+    if plan.num_stages != 2:
+        raise SystemExit(f"the planner used {plan.num_stages} stage(s); try a wider model")
+    torch.set_num_threads(1)
+    print(
+        f"mlp width {args.width} depth {args.depth}, batch {args.batch}, {args.chunks} "
+        f"micro-batches, 2 stages (cut {plan.stages[0].last} | {plan.stages[1].first}), "
+        f"1 thread per stage, {args.iters} iterations\n"
+    )
+    print("| step | threaded runtime (samples/s) | torch.distributed.pipelining, gloo "
+          "(samples/s) | distributed / threaded (per round) |")  # fmt: skip
+    print("|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        plan_path = os.path.join(tmp, "plan.json")
+        plan.save(plan_path)
+        for train in (False, True):
+            # Alternate the two, several rounds, and keep the medians: a shared machine's
+            # load drifts between runs.
+            rounds = [
+                (threaded(args, plan, train), distributed(args, plan_path, train))
+                for _ in range(args.repeats)
+            ]
+            a = statistics.median(r[0] for r in rounds)
+            b = statistics.median(r[1] for r in rounds)
+            ratios = ", ".join(f"{d / t:.2f}" for t, d in rounds)
+            name = "forward + backward (GPipe)" if train else "forward"
+            print(f"| {name} | {a:.0f} | {b:.0f} | {b / a:.2f} ({ratios}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

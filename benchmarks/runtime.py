@@ -1,0 +1,113 @@
+"""Runtime benchmark: a 2-stage CPU pipeline against the same micro-batches on one thread.
+
+    .venv/bin/python benchmarks/runtime.py            # ~1 minute on 2 cores
+
+An 8-layer, 1024-wide MLP (batch 512, 8 micro-batches) is split 4 + 4 layers over two
+"cpu" stages; each stage's worker gets max(1, cores // 2) intra-op threads. The baseline
+runs the same 8 micro-batches one after another on one thread (`torch.set_num_threads(1)`).
+Rounds alternate baseline and pipeline so both see the same machine load; the reported
+speed-up is the median over rounds of (baseline time / pipeline time) of the same round. GPipe's fill and drain bound it by 2m / (m + 1) =
+1.78x for m = 8 on two stages. The unsplit model on all cores is printed for honesty, and
+the per-hop overhead is timed with trivial (identity) stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime import Pipeline  # noqa: E402
+
+
+def mlp(width: int, layers: int) -> nn.Sequential:
+    blocks: list[nn.Module] = []
+    for _ in range(layers):
+        blocks += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*blocks)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def one_after_another(model: nn.Module, x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The same micro-batches, one after another, on the calling thread."""
+    return torch.cat([model(mb) for mb in torch.tensor_split(x, chunks)])
+
+
+def hop_overhead(n: int, m: int, rounds: int) -> float:
+    """Seconds per micro-batch per stage hop with identity stages (best of ``rounds``)."""
+    pipe = Pipeline([nn.Identity() for _ in range(n)], ["cpu"] * n, chunks=m)
+    x = torch.randn(m, 4)
+    pipe(x)
+    return min(timed(lambda: pipe(x)) for _ in range(rounds)) / (m * n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+
+    cores = len(os.sched_getaffinity(0))
+    torch.manual_seed(0)
+    model = mlp(args.width, args.layers).eval()
+    half = len(model) // 2
+    pipe = Pipeline([model[:half], model[half:]], ["cpu", "cpu"], chunks=args.chunks)
+    x = torch.randn(args.batch, args.width)
+    saved = torch.get_num_threads()
+
+    serial: list[float] = []
+    piped: list[float] = []
+    unsplit: list[float] = []
+    with torch.no_grad():
+        torch.set_num_threads(1)
+        torch.testing.assert_close(pipe(x), one_after_another(model, x, args.chunks))
+        for _ in range(args.rounds):
+            torch.set_num_threads(1)
+            serial.append(timed(lambda: one_after_another(model, x, args.chunks)))
+            piped.append(timed(lambda: pipe(x)))
+            torch.set_num_threads(cores)
+            unsplit.append(timed(lambda: model(x)))
+    torch.set_num_threads(saved)
+
+    t_serial, t_pipe, t_all = (statistics.median(t) for t in (serial, piped, unsplit))
+    speedup = statistics.median(s / p for s, p in zip(serial, piped, strict=True))
+    speedup_all = statistics.median(s / a for s, a in zip(serial, unsplit, strict=True))
+    hop2 = hop_overhead(2, 64, args.rounds)
+    hop4 = hop_overhead(4, 64, args.rounds)
+    bound = 2 * args.chunks / (args.chunks + 1)
+    rows = [
+        ("one thread, micro-batches one after another", t_serial, 1.0),
+        (f"pipeline, 2 cpu stages x {max(1, cores // 2)} thread(s)", t_pipe, speedup),
+        (f"unsplit model, {cores} threads, whole batch", t_all, speedup_all),
+    ]
+    print(
+        f"MLP {args.layers}x{args.width}, batch {args.batch}, {args.chunks} micro-batches, "
+        f"{cores} cores, torch {torch.__version__}, median of {args.rounds} rounds"
+    )
+    print(f"{'run':<48} {'ms':>8} {'speed-up':>9}")
+    for name, seconds, speedup in rows:
+        print(f"{name:<48} {seconds * 1e3:>8.1f} {speedup:>8.2f}x")
+    print(f"pipeline speed-up {speedup:.2f}x (GPipe bound {bound:.2f}x, target 1.60x)")
+    print(f"per-hop overhead, identity stages, 64 micro-batches: {hop2 * 1e6:.1f} us (2 stages),")
+    print(f"                                                     {hop4 * 1e6:.1f} us (4 stages)")
+
+
+if __name__ == "__main__":
+    main()

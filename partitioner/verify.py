@@ -1,0 +1,137 @@
+"""Checks that a traced module is faithful to its model: names, and outputs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from partitioner.errors import TraceError
+from partitioner.program import run_program
+
+__all__ = ["CHECK_ROWS", "batch_size", "check_outputs", "sync_state_dict"]
+
+CHECK_ROWS = 2  # outputs are compared on this many rows of the example batch
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+
+
+def batch_size(args: Args, kwargs: Kwargs) -> int | None:
+    """Dim 0 of the first tensor with a dim 0 (the batch size of the call), or None."""
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
+            return int(leaf.shape[0])
+    return None
+
+
+def sync_state_dict(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Make ``gm.state_dict()`` keys equal the model's (fx drops unused tensors and
+    registers non-persistent buffers as persistent); other differences are errors."""
+    want = set(model.state_dict())
+    have = set(gm.state_dict())
+    buffers = dict(model.named_buffers())
+    for name in sorted(have - want):
+        if name not in buffers:
+            raise TraceError(f"the traced module has {name!r}, which the model does not")
+        owner, _, leaf = name.rpartition(".")
+        gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
+    for name in sorted(want - set(gm.state_dict())):
+        _copy_attr(model, gm, name)
+    if set(gm.state_dict()) != want:
+        raise TraceError("the traced module's state_dict keys differ from the model's")
+
+
+def _copy_attr(src: nn.Module, dst: nn.Module, name: str) -> None:
+    *path, leaf = name.split(".")
+    for part in path:
+        src = getattr(src, part)
+        if not isinstance(getattr(dst, part, None), nn.Module):
+            dst.add_module(part, nn.Module())
+        dst = getattr(dst, part)
+    value = getattr(src, leaf)
+    if isinstance(value, nn.Parameter):
+        dst.register_parameter(leaf, value)
+    else:
+        dst.register_buffer(leaf, value)
+
+
+def _is_meta(model: nn.Module, args: Args, kwargs: Kwargs) -> bool:
+    tensors = [*model.parameters(), *model.buffers(), *pytree.tree_leaves((args, kwargs))]
+    return any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
+
+
+@contextlib.contextmanager
+def _no_side_effects(model: nn.Module) -> Iterator[None]:
+    """Same RNG stream for both runs, and buffers (BatchNorm statistics) restored after."""
+    saved = {n: b.clone() for n, b in model.named_buffers()} if model.training else {}
+    with torch.random.fork_rng(devices=[]):
+        yield
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name])
+
+
+def _rows(args: Args, kwargs: Kwargs, rows: int) -> tuple[Args, Kwargs]:
+    """The first ``rows`` rows of every batched tensor (dim 0 equal to the batch size)."""
+    batch = batch_size(args, kwargs)
+    if batch is None or batch <= rows:
+        return args, kwargs
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:rows] if t.dim() >= 1 and t.shape[0] == batch else t
+
+    return pytree.tree_map_only(torch.Tensor, cut, (args, kwargs))
+
+
+class _ModelFailed(Exception):
+    pass
+
+
+def _both(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> tuple[Any, Any]:
+    with torch.no_grad(), _no_side_effects(model):
+        torch.manual_seed(0)
+        try:
+            expected = model(*args, **kwargs)
+        except Exception as exc:
+            raise _ModelFailed(str(exc)) from exc
+        torch.manual_seed(0)
+        return expected, run_program(gm, args, kwargs)
+
+
+def check_outputs(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> None:
+    """The traced module must give the model's outputs on the example's first
+    `CHECK_ROWS` rows: this checks, cheaply, that it also runs at another batch size.
+    On `meta`, where there are no values and the model may not run eagerly, it must run."""
+    if _is_meta(model, args, kwargs):
+        to_meta = (args, kwargs)
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), to_meta)
+        with torch.no_grad():
+            run_program(gm, args, kwargs)
+        return
+    try:
+        expected, actual = _both(model, gm, *_rows(args, kwargs, CHECK_ROWS))
+    except _ModelFailed:  # the model itself needs the full batch: compare on that
+        expected, actual = _both(model, gm, args, kwargs)
+    want, want_spec = pytree.tree_flatten(expected)
+    got, got_spec = pytree.tree_flatten(actual)
+    if want_spec != got_spec:
+        raise TraceError(f"output structure differs: model {want_spec}, traced {got_spec}")
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        try:
+            if isinstance(w, torch.Tensor) and isinstance(g, torch.Tensor):
+                torch.testing.assert_close(g, w, equal_nan=True)
+            elif type(w) is not type(g) or w != g:
+                raise AssertionError(f"{g!r} != {w!r}")
+        except AssertionError as exc:
+            raise TraceError(f"output leaf {i} differs: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"

@@ -1,0 +1,230 @@
+"""What counts as a lost device, and a failure injector for tests and fire drills.
+
+[Note: what counts as a device failure]
+A device failure is a fault after which the device cannot run this process's work any more,
+so the only way on is to re-plan without it (`runtime.resume`). `is_device_failure` says yes
+to:
+
+- `DeviceFailure`, raised by `inject_failure` and by users' own health checks, and its
+  subclass `StageTimeout`: a worker that sent no result within ``stage_timeout`` seconds;
+- a CUDA error whose message names a fault that leaves the device's context unusable
+  (`LOST_DEVICE_ERRORS`): an illegal memory access, an unspecified launch failure, an
+  uncorrectable ECC error, a launch timeout, an illegal instruction, a hardware stack error,
+  a misaligned address, "CUDA error: unknown error" (what a GPU that fell off the bus
+  reports), and a device that is busy, unavailable or no longer detected.
+
+Everything else is the user's error and is re-raised with no re-plan: a shape or dtype
+mismatch, a bug in the model, an out-of-memory error (a capacity problem, not a dead device:
+re-planning on fewer devices would not help), and a device-side assert. A device-side assert
+also poisons the CUDA context, but it is the model's own check failing on the data (an index
+out of range in an embedding): the same micro-batch would trip it on any device, so
+re-planning would only kill the survivors one by one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.errors import StageError
+
+__all__ = [
+    "LOST_DEVICE_ERRORS",
+    "DeviceFailure",
+    "RecoveryError",
+    "StageTimeout",
+    "device_names",
+    "inject_failure",
+    "is_device_failure",
+    "rebind_hook",
+]
+
+# Lower-case fragments of CUDA error messages that mean the device is lost to this process.
+LOST_DEVICE_ERRORS = (
+    "an illegal memory access was encountered",
+    "unspecified launch failure",
+    "uncorrectable ecc error encountered",
+    "the launch timed out and was terminated",
+    "an illegal instruction was encountered",
+    "hardware stack error",
+    "misaligned address",
+    "cuda error: unknown error",
+    "busy or unavailable",
+    "no cuda-capable device is detected",
+)
+
+# Not a lost device: the model's own assertion (see the module docstring).
+USER_CUDA_ERRORS = ("device-side assert triggered",)
+
+
+class DeviceFailure(RuntimeError):
+    """A device is lost: raise it from a health check, or let `inject_failure` do it."""
+
+    def __init__(self, device: str, reason: str = "device failed") -> None:
+        self.device = device
+        self.reason = reason
+        super().__init__(f"{device}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.device, self.reason))
+
+
+class StageTimeout(DeviceFailure):
+    """A stage's worker sent no result within the pipeline's ``stage_timeout``."""
+
+
+class RecoveryError(RuntimeError):
+    """Re-planning is impossible: every device failed, or the model no longer fits."""
+
+    def __init__(self, message: str, failed_devices: list[str]) -> None:
+        self.failed_devices = list(failed_devices)
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.failed_devices))
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or, for a `StageError`, the exception the stage raised) means a lost
+    device; see [Note: what counts as a device failure]."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StageError):
+            current = current.original
+            continue
+        if isinstance(current, DeviceFailure):
+            return True
+        if _is_lost_cuda(current):
+            return True
+        current = current.__cause__
+    return False
+
+
+def _is_lost_cuda(exc: BaseException) -> bool:
+    if not isinstance(exc, RuntimeError) or "OutOfMemory" in type(exc).__name__:
+        return False
+    text = str(exc).lower()
+    if any(user in text for user in USER_CUDA_ERRORS):
+        return False
+    return any(lost in text for lost in LOST_DEVICE_ERRORS)
+
+
+def device_names(pipe: Any) -> list[str]:
+    """The device name of each stage of a `runtime.Pipeline`.
+
+    ``pipe.device_names`` when set (ModelSplitter sets the plan's names, such as ``cpu:2``);
+    otherwise each CPU stage is a worker of its own (``cpu:<stage>``) and any other stage is
+    named after its torch device (``cuda:1``).
+    """
+    names = getattr(pipe, "device_names", None)
+    if names is not None:
+        return list(names)
+    return [f"cpu:{j}" if d.type == "cpu" else str(d) for j, d in enumerate(pipe.devices)]
+
+
+@dataclass(eq=False)
+class _Injector:
+    """One injected failure: ``device`` dies as it starts micro-batch ``microbatch``."""
+
+    device: str
+    microbatch: int
+    hang: float | None
+    fired: bool = False
+    active: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pipelines: list[weakref.ref[Any]] = field(default_factory=list)
+
+    def check(self, name: str, i: int) -> None:
+        if not self.active or name != self.device:
+            return
+        with self.lock:
+            if i == self.microbatch:
+                self.fired = True
+            fired = self.fired
+        if not fired:
+            return
+        if self.hang is not None:
+            time.sleep(self.hang)  # a hung device: the pipeline's stage_timeout notices
+        raise DeviceFailure(name, f"injected failure (from micro-batch {self.microbatch})")
+
+
+@dataclass(frozen=True, eq=False)
+class _InjectHook:
+    """The `Pipeline.on_task` hook of one injector on one pipeline, chained to the hook that
+    was there before."""
+
+    injector: _Injector
+    names: tuple[str, ...]
+    inner: Any = None
+
+    def __call__(self, i: int, j: int) -> None:
+        self.injector.check(self.names[j], i)
+        if self.inner is not None:
+            self.inner(i, j)
+
+
+def rebind_hook(hook: Any, pipe: Any) -> Any:
+    """``hook`` carried over to ``pipe`` (a pipeline that replaced the one it was on), so an
+    injected device stays dead until no stage runs on it."""
+    if not isinstance(hook, _InjectHook):
+        return hook
+    hook.injector.pipelines.append(weakref.ref(pipe))
+    return _InjectHook(hook.injector, tuple(device_names(pipe)), rebind_hook(hook.inner, pipe))
+
+
+def _without(hook: Any, injector: _Injector) -> Any:
+    if not isinstance(hook, _InjectHook):
+        return hook
+    inner = _without(hook.inner, injector)
+    return inner if hook.injector is injector else _InjectHook(hook.injector, hook.names, inner)
+
+
+def _pipeline_of(target: Any) -> Any:
+    from runtime.resume import latest
+
+    pipe = getattr(target, "pipeline", target)
+    if pipe is None or not hasattr(pipe, "on_task"):
+        raise ValueError(
+            f"{type(target).__name__} has no pipeline yet: plan it first (give "
+            f"example_inputs, or call it once)"
+        )
+    return latest(pipe)
+
+
+@contextmanager
+def inject_failure(
+    target: Any, *, stage: int, microbatch: int, hang: float | None = None
+) -> Iterator[str]:
+    """Within the block, the device running ``stage`` fails as it starts ``microbatch``.
+
+    ``target`` is a ModelSplitter (planned) or a Pipeline. The failure is permanent: from
+    then on every task on that device raises `DeviceFailure`, including on the pipelines
+    that replace this one, until a re-plan moves every stage off it. Micro-batch indices
+    are those of each call (a re-run of 3 lost micro-batches numbers them 0, 1, 2). With
+    ``hang``, the device first stalls that many seconds on each task, for testing
+    ``stage_timeout``. Yields the failing device's name.
+    """
+    pipe = _pipeline_of(target)
+    names = device_names(pipe)
+    if not 0 <= stage < len(names):
+        raise ValueError(f"stage must be in 0..{len(names) - 1} (got {stage})")
+    if isinstance(microbatch, bool) or microbatch < 0:
+        raise ValueError(f"microbatch must be a non-negative integer (got {microbatch!r})")
+    injector = _Injector(names[stage], microbatch, hang)
+    injector.pipelines.append(weakref.ref(pipe))
+    pipe.on_task = _InjectHook(injector, tuple(names), pipe.on_task)
+    try:
+        yield injector.device
+    finally:
+        injector.active = False
+        for ref in injector.pipelines:
+            held = ref()
+            if held is not None:
+                held.on_task = _without(held.on_task, injector)

@@ -1,0 +1,286 @@
+"""The pipeline parallelism of GPipe over stages placed on devices."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed
+from runtime.errors import StageError
+from runtime.faults import StageTimeout
+from runtime.interface import Const
+from runtime.microbatch import REDUCERS, Reducer, gather, scatter
+from runtime.route import route_for
+from runtime.schedule import clock_cycles
+from runtime.stream import Event, as_device, new_stream, record_event
+from runtime.transfer import Transfer
+from runtime.worker import InQueue, OutQueue, Task, TaskHook, WorkerSpec, spawn_workers
+from runtime.worker import stage_threads as _stage_threads
+
+__all__ = ["Pipeline", "RunRecord"]
+
+log = logging.getLogger(__name__)
+
+DeviceLike = str | torch.device
+# Called with (the pipeline that failed, a `runtime.resume.Failure`); returns the pipeline
+# that replaces it. See `runtime.resume`.
+Replan = Callable[[Any, Any], Any]
+
+
+@dataclass
+class RunRecord:
+    """What the last call did: the micro-batch sizes, which finished, and which task failed.
+
+    ``completed`` lists the micro-batches whose last stage finished, in that order; with the
+    per-task hook (`Pipeline.on_task`) it is what a fault-tolerant caller needs to retry.
+    """
+
+    sizes: list[int]
+    completed: list[int] = field(default_factory=list)
+    failed: tuple[int, int] | None = None
+
+    @property
+    def chunks(self) -> int:
+        return len(self.sizes)
+
+
+def _device(device: DeviceLike) -> torch.device:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        # The planner's abstract names ("dev:0" for devices=4) become CPU workers.
+        log.info("device %r is not a torch device: it runs as a CPU worker", device)
+        return torch.device("cpu")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} needs CUDA, which is not available here")
+    return as_device(parsed)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Pipeline(nn.Module):
+    """Run ``stages`` as a GPipe pipeline: stage j on ``devices[j]``, ``chunks`` micro-batches.
+
+    ``stages`` are either the GraphModules of `partitioner.split` (each with a `StageIO`) or
+    plain modules run as a sequence. The caller places parameters; the pipeline moves
+    activations to each consumer's device. ``checkpoint`` is a mode ("never", "except_last",
+    "always") or one per stage; ``reducer`` ("mean", "sum" or a callable) combines outputs
+    without a batch dimension; ``threads`` overrides the intra-op threads of CPU stages (an
+    int, or one count per stage). ``on_task(i, j)`` runs in stage j's worker before it runs
+    micro-batch i; what it raises fails that task. ``last_run`` is the `RunRecord` of the
+    latest call.
+
+    Fault tolerance (`runtime.resume`): ``on_failure="replan"`` survives a device failure
+    (`runtime.faults.is_device_failure`): ``replan(pipeline, failure)`` returns the pipeline
+    to continue on (default: the failed stage moves onto a surviving neighbour's device), the
+    micro-batches that did not complete run again on it, and later calls use it.
+    ``stage_timeout`` (seconds) turns a worker that sends no result for that long into a
+    `runtime.faults.StageTimeout`; its thread is left behind if it never stops.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        devices: Sequence[DeviceLike],
+        *,
+        chunks: int,
+        checkpoint: Checkpoint = "never",
+        reducer: Reducer | None = None,
+        threads: int | Sequence[int | None] | None = None,
+        on_task: TaskHook | None = None,
+        on_failure: str = "raise",
+        replan: Replan | None = None,
+        stage_timeout: float | None = None,
+    ) -> None:
+        super().__init__()
+        if len(stages) == 0:
+            raise ValueError("a pipeline needs at least one stage (got none)")
+        if len(devices) != len(stages):
+            raise ValueError(
+                f"one device per stage ({len(devices)} devices, {len(stages)} stages)"
+            )
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be a positive integer ({chunks!r})")
+        if reducer is not None and not callable(reducer) and reducer not in REDUCERS:
+            raise ValueError(f"reducer must be 'mean', 'sum' or a callable ({reducer!r})")
+        if on_failure not in ("raise", "replan"):
+            raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
+        if stage_timeout is not None and not stage_timeout > 0:
+            raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
+        self.stages = nn.ModuleList(stages)
+        self.devices = [_device(d) for d in devices]
+        self.chunks = chunks
+        self.checkpoint = checkpoint
+        self.reducer = reducer
+        self.on_task = on_task
+        self.on_failure = on_failure
+        self.replan = replan
+        self.stage_timeout = stage_timeout
+        self.last_run: RunRecord | None = None
+        self._stops = checkpoint_stops(checkpoint, len(stages))
+        self._route = route_for(stages)
+        self._free = self._route.free_after()
+        self._threads = _stage_threads(self.devices, _cores(), threads)
+        # Streams are made once, here, and reused by every call.
+        self._streams = [new_stream(d) for d in self.devices]
+        self._transfer = Transfer(self.devices, self._streams)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Scatter the call into micro-batches, run them through the stages, gather."""
+        if self.on_failure == "replan":
+            from runtime.resume import resume
+
+            return resume(self, args, kwargs)
+        return self.run(*args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """One call with no recovery: the first failure is raised as a `StageError`."""
+        env = self._route.bind(args, kwargs)
+        if self._transfer.cpu_only:
+            env = self._transfer.to_cpu(env)
+        batches, sizes = scatter(env, self.chunks)
+        record = self.last_run = RunRecord(sizes)
+        run = _Run(self, [dict(b) for b in batches], record)
+        specs = [
+            WorkerSpec(d, s, t)
+            for d, s, t in zip(self.devices, self._streams, self._threads, strict=True)
+        ]
+        threads_before = torch.get_num_threads()
+        try:
+            with spawn_workers(specs, hook=self.on_task, join_timeout=self.stage_timeout) as (
+                in_queues,
+                out_queue,
+                _,
+            ):
+                run.start(in_queues, out_queue)
+        finally:
+            # torch.set_num_threads in a worker also changes torch's process-wide default,
+            # which new threads pick up: put it back ([Note: intra-op threads]).
+            torch.set_num_threads(threads_before)
+        pieces = [run.leaves(i, consts=False) for i in range(len(sizes))]
+        leaves = gather(pieces, sizes, self.reducer)
+        return self._route.unflatten(_put_consts(leaves, self._route.output_leaves))
+
+    def extra_repr(self) -> str:
+        devices = ", ".join(str(d) for d in self.devices)
+        return f"devices=[{devices}], chunks={self.chunks}, checkpoint={self.checkpoint!r}"
+
+
+def _put_consts(leaves: list[Any], spec: Sequence[str | Const]) -> list[Any]:
+    return [
+        leaf.value if isinstance(leaf, Const) else v for v, leaf in zip(leaves, spec, strict=True)
+    ]
+
+
+class _Run:
+    """The state of one call: per micro-batch environments, events, and what is done."""
+
+    def __init__(self, pipe: Pipeline, envs: list[dict[str, Any]], record: RunRecord) -> None:
+        self.pipe = pipe
+        self.route = pipe._route
+        self.envs = envs
+        self.record = record
+        self.m, self.n = len(envs), len(pipe.stages)
+        self.events: list[list[Event]] = [[None] * self.n for _ in envs]
+        self.done: set[tuple[int, int]] = set()
+        self.producer = self.route.producer
+        grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        self.stops = pipe._stops(self.m) if grad else [0] * self.n
+        for env in envs:
+            for name in pipe._free[0]:
+                env.pop(name, None)
+
+    def start(self, in_queues: list[InQueue], out_queue: OutQueue) -> None:
+        """Submit tasks in clock-cycle order, each as soon as its micro-batch left the stage
+        before: no barrier between cycles, and every stage meets micro-batches in order."""
+        self.out_queue = out_queue
+        for cycle in clock_cycles(self.m, self.n):
+            for i, j in cycle:
+                if j > 0:
+                    self.wait_for(i, j - 1)
+                in_queues[j].put(self.task(i, j))
+        for i in range(self.m):
+            self.wait_for(i, self.n - 1)
+
+    def task(self, i: int, j: int) -> Task:
+        pipe, env = self.pipe, self.envs[i]
+        names = self.route.stage_inputs[j]
+        values = [
+            pipe._transfer.to_stage(env[name], self.producer[name], i, j, self.events)
+            for name in names
+        ]
+        stage, call, stream = pipe.stages[j], self.route.calls[j], pipe._streams[j]
+        keep = i >= self.stops[j]
+
+        def run(*values: Any) -> tuple[Any, ...]:
+            return call(stage, values)
+
+        def compute() -> tuple[tuple[Any, ...], Event]:
+            outputs = run(*values) if keep else checkpointed(run, *values)
+            return outputs, record_event(stream)
+
+        return Task(i, j, compute)
+
+    def wait_for(self, i: int, j: int) -> None:
+        while (i, j) not in self.done:
+            self.receive(i, j)
+
+    def receive(self, i: int, j: int) -> None:
+        """Take one result while waiting for task (i, j); past ``stage_timeout`` stage j,
+        whose earlier micro-batches all ran, is the one not answering."""
+        timeout = self.pipe.stage_timeout
+        try:
+            ok, (task, payload) = self.out_queue.get(timeout=timeout)
+        except queue.Empty:
+            late = min(k for k in range(i + 1) if (k, j) not in self.done)
+            device = str(self.pipe.devices[j])
+            self.fail(late, j, StageTimeout(device, f"no answer within {timeout}s"))
+            return
+        i, j = task.i, task.j
+        if not ok:
+            self.fail(i, j, payload)
+            return
+        outputs, event = payload
+        env = self.envs[i]
+        env.update(zip(self.route.stage_outputs[j], outputs, strict=True))
+        self.events[i][j] = event
+        for name in self.pipe._free[j + 1]:
+            env.pop(name, None)
+        self.done.add((i, j))
+        if j == self.n - 1:
+            self.record.completed.append(i)
+
+    def fail(self, i: int, j: int, exc: BaseException | None) -> None:
+        if exc is None:  # skipped while stopping; cannot happen before a failure
+            return
+        self.record.failed = (i, j)
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they are
+            raise exc
+        completed = {
+            k: self.route.unflatten(self.leaves(k, consts=True)) for k in self.record.completed
+        }
+        raise StageError(j, str(self.pipe.devices[j]), i, exc, completed) from exc
+
+    def leaves(self, i: int, *, consts: bool) -> list[Any]:
+        """The output leaves of micro-batch i, ready on the caller's streams."""
+        values = []
+        for leaf in self.route.output_leaves:
+            if isinstance(leaf, Const):
+                values.append(leaf.value if consts else None)
+            else:
+                value = self.envs[i][leaf]
+                producer = self.producer[leaf]
+                values.append(self.pipe._transfer.to_caller(value, producer, i, self.events))
+        return values

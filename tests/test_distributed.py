@@ -1,0 +1,321 @@
+"""torch.distributed.pipelining runs of split plans: relay, CLI, training, failures.
+
+The multi-process tests launch ``torch.distributed.run`` on 127.0.0.1 only
+(static rendezvous on a free port, gloo over loopback), each bounded by a
+subprocess timeout, so a hang fails the test instead of the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import networkx as nx
+import pytest
+import torch
+from torch import nn
+
+from partitioner.errors import ModelSplitError
+from partitioner.plan import Plan, make_plan
+from partitioner.split import split
+from partitioner.trace import trace
+from runtime.interface import stage_io
+from runtime.relay import boundaries, relay
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve()
+LAUNCH_TIMEOUT = 120
+
+
+class SkipNet(nn.Module):
+    """x -> a -> b -> c; out = head(c + 2a): ``2a`` skips the middle stage, and the batch
+    size (a Python int from ``x.size(0)``) is made on stage 0 and read on stage 2."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.fc0, self.fc1, self.fc2, self.head = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.size(0)
+        a = torch.relu(self.fc0(x))
+        skip = a * 2.0
+        b = torch.tanh(self.fc1(a))
+        c = self.fc2(b).reshape(n, -1)
+        return self.head(c + skip)
+
+
+def skip_net() -> SkipNet:
+    """Factory for the CLI (``tests/test_distributed.py:skip_net``)."""
+    return SkipNet()
+
+
+def failing_net() -> SkipNet:
+    """Fails on rank 1 only, after rank 0 has gone on to wait for it."""
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("factory failed on purpose on rank 1")
+    return SkipNet()
+
+
+def hand_plan(gm: torch.fx.GraphModule, stage_of: Callable[[torch.fx.Node], int], n: int) -> Plan:
+    """A plan with a hand-made assignment (unit costs): tests pick where the cut is."""
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        graph.add_node(
+            node.name, time=1.0, param_bytes=0, out_bytes=4, act_bytes=0, flops=0, order=0
+        )
+        graph.add_edges_from((u.name, node.name) for u in node.all_input_nodes)
+    assignment = {v: stage_of(node) for node in gm.graph.nodes if (v := node.name) in graph}
+    return make_plan(graph, assignment, n, lower_bound=0.0, status="baseline", solver="hand")
+
+
+def skip_stage(node: torch.fx.Node) -> int:
+    """SkipNet on 3 stages: fc0 and the size on 0, fc1 on 1, the rest on 2."""
+    text = f"{node.name} {node.target}"
+    if node.op == "placeholder" or "fc0" in text or "size" in text or "relu" in text:
+        return 0
+    if node.name == "mul":
+        return 0
+    return 1 if "fc1" in text or "tanh" in text else 2
+
+
+def _skip_split() -> tuple[SkipNet, torch.Tensor, list[torch.fx.GraphModule]]:
+    torch.manual_seed(0)
+    model = SkipNet().eval()
+    x = torch.randn(8, 16)
+    gm = trace(model, (x,), mode="fx")
+    return model, x, split(gm, hand_plan(gm, skip_stage, 3))
+
+
+# -- relay, in process ------------------------------------------------------------
+
+
+def test_boundaries_relay_skip_values_through_the_middle_stage() -> None:
+    _, _, stages = _skip_split()
+    ios = [stage_io(s) for s in stages]
+    bounds = boundaries(ios)
+    skip = [v for v in ios[2].inputs if v in ios[0].outputs]
+    assert skip, "the plan should make stage 2 read a value of stage 0"
+    for name in skip:
+        assert name in bounds[1] and name in bounds[2] and name not in ios[1].inputs
+    assert bounds[0] == ios[0].program.inputs
+    assert len(bounds) == 4
+
+
+def test_relay_stages_in_sequence_equal_the_model_and_carry_ints_as_tensors() -> None:
+    model, x, stages = _skip_split()
+    wrapped, bounds, examples = relay(stages, {"x": x[:2]})
+    assert "int" in {examples.kinds[v] for b in bounds[1:-1] for v in b}
+    values: tuple[object, ...] = (x,)
+    for j, stage in enumerate(wrapped):
+        values = stage(*values)
+        if j < len(wrapped) - 1:
+            assert all(isinstance(v, torch.Tensor) for v in values)
+    torch.testing.assert_close(values[0], model(x))
+
+
+class ShapeAcross(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return self.fc(x).view(shape[0], -1)
+
+
+def test_a_non_tensor_value_crossing_stages_is_a_clear_error() -> None:
+    model = ShapeAcross()
+    x = torch.randn(4, 4)
+    gm = trace(model, (x,), mode="fx")
+
+    def stage_of(node: torch.fx.Node) -> int:
+        return 0 if node.op == "placeholder" or node.name.startswith("getattr") else 1
+
+    stages = split(gm, hand_plan(gm, stage_of, 2))
+    with pytest.raises(ModelSplitError, match="sends tensors only"):
+        relay(stages, {"x": x[:2]})
+
+
+@pytest.fixture
+def one_rank() -> Iterator[None]:
+    """A one-process gloo group on 127.0.0.1, torn down after the test."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_size_must_equal_the_number_of_stages(one_rank: None) -> None:
+    from runtime.distributed import DistributedPipeline
+
+    _, x, stages = _skip_split()
+    with pytest.raises(ModelSplitError, match="3 stages but 1 processes"):
+        DistributedPipeline(stages, ((x,), {}), chunks=4)
+
+
+def test_one_rank_pipeline_runs_forward_and_rejects_uneven_micro_batches(one_rank: None) -> None:
+    from runtime.distributed import DistributedPipeline
+
+    torch.manual_seed(0)
+    model = SkipNet().eval()
+    x = torch.randn(8, 16)
+    gm = trace(model, (x,), mode="fx")
+    stages = split(gm, hand_plan(gm, lambda n: 0, 1))
+    pipe = DistributedPipeline(stages, ((x,), {}), chunks=4)
+    torch.testing.assert_close(pipe(x), model(x))
+    with pytest.raises(ModelSplitError, match="built for"):
+        pipe(x[:4])
+    with pytest.raises(ModelSplitError, match="not a multiple of chunks=3"):
+        DistributedPipeline(stages, ((x,), {}), chunks=3)
+
+
+def test_check_prints_the_error_and_fails_beyond_the_tolerance(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from types import SimpleNamespace
+
+    from runtime.distributed_cli import _check_forward, build_parser
+
+    args = build_parser().parse_args(["m.py:f", "--input-shape", "4,4", "--chunks", "2"])
+    ref = SimpleNamespace(output=torch.ones(4, 4))
+    last = SimpleNamespace(is_last=True)
+    assert _check_forward(args, last, ref, torch.ones(4, 4) + 1e-7)  # type: ignore[arg-type]
+    assert not _check_forward(args, last, ref, torch.ones(4, 4) + 0.1)  # type: ignore[arg-type]
+    assert "max abs err 0.1" in capsys.readouterr().out
+
+
+# -- torchrun launches --------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(nproc: int, *argv: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """``torch.distributed.run`` with ``nproc`` ranks on 127.0.0.1, bounded by ``timeout``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "-m",
+        "runtime.distributed",
+        *argv,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _errs(out: str) -> list[float]:
+    return [float(line.split()[3]) for line in out.splitlines() if line.startswith("max abs err")]
+
+
+@pytest.mark.slow
+def test_three_ranks_skip_connection_forward_and_training_gradients(tmp_path: Path) -> None:
+    model, x, _ = _skip_split()
+    gm = trace(model, (x,), mode="fx")
+    plan_path = tmp_path / "plan.json"
+    hand_plan(gm, skip_stage, 3).save(plan_path)
+    res = launch(
+        3,
+        f"{HERE}:skip_net",
+        "--plan",
+        str(plan_path),
+        "--input-shape",
+        "8,16",
+        "--chunks",
+        "4",
+        "--schedule",
+        "1f1b",
+        "--iters",
+        "2",
+        "--train",
+        "--check",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    errs = _errs(res.stdout)
+    assert len(errs) == 2 and max(errs) < 1e-5, res.stdout  # output, then gradients
+    assert "samples/s" in res.stdout
+
+
+def gpt_tiny() -> nn.Module:
+    from examples.models import gpt
+
+    return gpt(vocab=64, dim=32, layers=2, heads=2, max_len=16)
+
+
+@pytest.mark.slow
+def test_two_ranks_gpipe_tied_weights_train_like_the_unsplit_model(tmp_path: Path) -> None:
+    """GPT's LM head is tied to the token embedding: the two ranks hold one copy each and
+    their gradients are summed, so each equals the unsplit model's."""
+    model = gpt_tiny().eval()
+    ids = torch.randint(0, 64, (4, 8))
+    gm = trace(model, (ids,))
+    order = [n.name for n in gm.graph.nodes]
+    cut = order.index("blocks_1_ln1")  # stage 0: embeddings and block 0; stage 1: the rest
+    plan = hand_plan(gm, lambda node: 0 if order.index(node.name) < cut else 1, 2)
+    plan.save(tmp_path / "plan.json")
+    res = launch(
+        2,
+        f"{HERE}:gpt_tiny",
+        "--plan",
+        str(tmp_path / "plan.json"),
+        "--input-shape",
+        "4,8",
+        "--dtype",
+        "int64:64",
+        "--chunks",
+        "2",
+        "--iters",
+        "1",
+        "--train",
+        "--check",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    errs = _errs(res.stdout)
+    assert len(errs) == 2 and max(errs) < 1e-5, res.stdout
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_launch_without_hanging(tmp_path: Path) -> None:
+    model, x, _ = _skip_split()
+    gm = trace(model, (x,), mode="fx")
+    hand_plan(gm, lambda n: 0 if skip_stage(n) == 0 else 1, 2).save(tmp_path / "plan.json")
+    t0 = time.monotonic()
+    res = launch(
+        2,
+        f"{HERE}:failing_net",
+        "--plan",
+        str(tmp_path / "plan.json"),
+        "--input-shape",
+        "8,16",
+        "--chunks",
+        "2",
+        "--timeout",
+        "20",
+    )
+    assert res.returncode != 0
+    assert "factory failed on purpose" in res.stderr
+    assert time.monotonic() - t0 < 60

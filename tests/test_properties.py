@@ -1,0 +1,138 @@
+"""Property-based tests of the planner (hypothesis): validity, bounds, optimality, determinism.
+
+The profile registered in conftest.py ("ci" or "dev") sets the number of examples;
+graphs stay at <= 9 nodes and <= 3 stages so a brute force can check optimality.
+"""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from strategies import cost_graphs, device_lists
+
+from partitioner import InfeasiblePlanError, evaluate
+from partitioner.baselines import POLICIES, baseline
+from partitioner.coarsen import coarsen, uncoarsen
+from partitioner.cost import DeviceSpec
+from partitioner.heuristics import topo_order
+from partitioner.solve import solve
+
+GAP = 0.01
+BW = st.sampled_from([1.0, 4.0, 100.0])
+SLOW = settings(suppress_health_check=[HealthCheck.too_slow])
+
+
+def brute_force(
+    graph: nx.DiGraph, specs: list[DeviceSpec], bw: float
+) -> tuple[float, dict[str, int]] | None:
+    """The least bottleneck over every valid assignment (None: none fits memory)."""
+    order = topo_order(graph)
+    best: list[tuple[float, dict[str, int]]] = []
+    stage: dict[str, int] = {}
+
+    def walk(i: int) -> None:
+        if i == len(order):
+            ev = evaluate(graph, stage, specs, bw)
+            if ev.valid and (not best or ev.bottleneck < best[0][0]):
+                best[:] = [(ev.bottleneck, dict(stage))]
+            return
+        v = order[i]
+        low = max((stage[u] for u in graph.predecessors(v)), default=0)
+        for k in range(low, len(specs)):
+            stage[v] = k
+            walk(i + 1)
+        del stage[v]
+
+    walk(0)
+    return best[0] if best else None
+
+
+def _solve(graph: nx.DiGraph, specs: list[DeviceSpec], bw: float, **kw: object):  # type: ignore[no-untyped-def]
+    return solve(graph, specs, bandwidth=bw, time_limit=5.0, gap=GAP, **kw)  # type: ignore[arg-type]
+
+
+@SLOW
+@given(cost_graphs(), device_lists(), BW)
+def test_plan_is_valid_and_equals_evaluate(graph: nx.DiGraph, specs: list[DeviceSpec], bw: float) -> None:
+    try:
+        plan = _solve(graph, specs, bw)
+    except InfeasiblePlanError:
+        assume(False)
+        return
+    used = [specs[k] for k in sorted({k for k in range(len(specs))})]
+    ev = evaluate(graph, plan.assignment, plan.device_specs, plan.bandwidth)
+    assert ev.valid, ev.violations
+    assert plan.bottleneck == ev.bottleneck
+    assert plan.comm_bytes == ev.comm_bytes
+    assert [s.cost for s in plan.stages] == [s.cost for s in ev.stages]
+    assert plan.lower_bound <= plan.bottleneck
+    assert len(used) == len(specs)
+
+
+@SLOW
+@given(cost_graphs(), device_lists(), BW)
+def test_matches_brute_force_and_bound_is_valid(
+    graph: nx.DiGraph, specs: list[DeviceSpec], bw: float
+) -> None:
+    truth = brute_force(graph, specs, bw)
+    if truth is None:
+        with pytest.raises(InfeasiblePlanError):
+            _solve(graph, specs, bw)
+        return
+    plan = _solve(graph, specs, bw)
+    opt = truth[0]
+    tol = 1e-9 * max(opt, 1e-30)
+    assert plan.lower_bound <= opt + tol, "the lower bound must hold for the fine problem"
+    assert plan.bottleneck >= opt - tol
+    if plan.status == "optimal":
+        assert plan.gap <= GAP + 1e-12
+        assert plan.bottleneck <= opt / (1 - GAP) + tol
+
+
+@SLOW
+@given(cost_graphs(), device_lists(memory=False), BW)
+def test_never_worse_than_a_feasible_baseline(
+    graph: nx.DiGraph, specs: list[DeviceSpec], bw: float
+) -> None:
+    plan = _solve(graph, specs, bw)
+    for policy in POLICIES:
+        base = baseline(graph, specs, policy, bandwidth=bw)
+        assert plan.bottleneck <= base.bottleneck * (1 + 1e-12)
+        assert base.lower_bound <= base.bottleneck
+
+
+@SLOW
+@given(cost_graphs(), device_lists(), BW)
+def test_identical_input_gives_identical_plan(
+    graph: nx.DiGraph, specs: list[DeviceSpec], bw: float
+) -> None:
+    try:
+        first = _solve(graph, specs, bw)
+    except InfeasiblePlanError:
+        return
+    again = _solve(nx.DiGraph(graph), list(specs), bw)
+    assert again.assignment == first.assignment
+    assert (again.bottleneck, again.comm_bytes, again.status) == (
+        first.bottleneck,
+        first.comm_bytes,
+        first.status,
+    )
+
+
+@SLOW
+@given(cost_graphs(), device_lists(memory=False), BW, st.sampled_from([0.05, 0.25, 1.0]))
+def test_coarsen_solve_uncoarsen_is_valid(
+    graph: nx.DiGraph, specs: list[DeviceSpec], bw: float, fraction: float
+) -> None:
+    c = coarsen(graph, len(specs), fraction=fraction)
+    assert nx.is_directed_acyclic_graph(c.graph)
+    assert sorted(v for vs in c.members.values() for v in vs) == sorted(graph.nodes)
+    coarse = _solve(c.graph, specs, bw)
+    fine = uncoarsen(coarse.assignment, c)
+    ev = evaluate(graph, fine, coarse.device_specs, bw)
+    assert ev.valid, ev.violations
+    assert math.isclose(sum(s.time for s in ev.stages), sum(t for _, t in graph.nodes(data="time")))
