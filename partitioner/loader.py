@@ -241,9 +241,14 @@ def load_factory(target: str) -> Callable[..., Any]:
     module = _import_file(where) if is_file else _import_module(where)
     factory = getattr(module, name, None)
     if factory is None:
-        public = sorted(
-            k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
-        )
+        own = [
+            (inspect.isclass(v), k)  # functions (the likely factories) first
+            for k, v in vars(module).items()
+            if callable(v)
+            and not k.startswith("_")
+            and getattr(v, "__module__", None) == module.__name__
+        ]
+        public = [k for _, k in sorted(own)]
         hint = f"; it defines {', '.join(public[:8])}" if public else ""
         raise UsageError(f"{where!r} has no factory {name!r}{hint}")
     if not callable(factory):

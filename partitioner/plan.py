@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -88,6 +88,16 @@ class Plan:
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    def on_devices(self, devices: Sequence[DeviceSpec]) -> Plan:
+        """The same assignment with stage j on ``devices[j]`` (figures kept as planned)."""
+        if len(devices) != self.num_stages:
+            raise PlanError(
+                f"the plan has {self.num_stages} stages but {len(devices)} devices were given; "
+                f"give one device per stage or re-plan for these devices"
+            )
+        stages = [replace(s, device=d.name) for s, d in zip(self.stages, devices, strict=True)]
+        return replace(self, device_specs=list(devices), stages=stages)
 
     def stage_nodes(self, j: int) -> list[str]:
         return [v for v, k in self.assignment.items() if k == j]

@@ -344,6 +344,8 @@ class ModelSplitter(nn.Module):
         if plan is not None and devices is None and num_devices is None:
             devices = list(plan.device_specs)
         specs = resolve_devices(num_devices, devices, memory, speed)
+        if plan is not None:
+            plan = plan.on_devices(specs)  # run a saved plan on the devices given here
         self.__dict__["_model"] = model
         self.__dict__["_specs"] = specs
         self.__dict__["_offered"] = list(specs)
@@ -485,7 +487,7 @@ class ModelSplitter(nn.Module):
             replan=replan,
             stage_timeout=self.stage_timeout,
         )
-        pipeline.device_names = list(plan.devices)  # runtime.faults.device_names
+        pipeline.__dict__["device_names"] = list(plan.devices)  # runtime.faults.device_names
         return pipeline
 
     # -- fault tolerance (partitioner/recovery.py, runtime/resume.py) --------
@@ -516,11 +518,17 @@ class ModelSplitter(nn.Module):
         compiled.generation = self.__dict__["_generation"]
 
     def revive(self, devices: Sequence[str] | None = None) -> None:
-        """Mark failed devices (all by default) healthy again, after a repair; each cached
-        plan is solved again from its CostGraph on its next call."""
-        back = set(self.failed_devices if devices is None else devices)
+        """Mark failed devices (all by default) healthy again, after a repair: the current
+        plan is solved again on them from its CostGraph now, other cached plans on their
+        next call."""
+        back = set(self.failed_devices if devices is None else devices) & set(self.failed_devices)
+        if not back:
+            return
         self.failed_devices[:] = [d for d in self.failed_devices if d not in back]
         self._set_devices()
+        current = self.__dict__["_current"]
+        if current is not None:
+            self._refit(current)
 
     def extra_repr(self) -> str:
         plan = self.plan

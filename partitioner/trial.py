@@ -26,7 +26,6 @@ from partitioner.render import fmt_bytes, fmt_time, plain_table
 
 if TYPE_CHECKING:
     from partitioner.cli import Output
-    from partitioner.cost import DeviceSpec
 
 __all__ = ["check_devices", "compare", "max_error", "run_plan"]
 
@@ -96,16 +95,6 @@ def _check_plan_fits(plan: Plan, setup: Setup) -> None:
         )
 
 
-def rename_devices(plan: Plan, devices: list[DeviceSpec]) -> Plan:
-    """The same plan with stage j on ``devices[j]`` (its memory and speed too)."""
-    import dataclasses
-
-    stages = [
-        dataclasses.replace(s, device=d.name) for s, d in zip(plan.stages, devices, strict=True)
-    ]
-    return dataclasses.replace(plan, device_specs=list(devices), stages=stages)
-
-
 def _signature_note(plan: Plan, setup: Setup) -> str | None:
     """A warning when the inputs differ from the plan's beyond the batch size."""
     from partitioner.trace import input_signature
@@ -146,7 +135,7 @@ def _load_plan(args: argparse.Namespace) -> Plan:
                 f"({', '.join(plan.devices)}) but --devices names {len(devices)}: pass "
                 f"{plan.num_stages} devices or re-plan with --devices {len(devices)}"
             )
-        plan = rename_devices(plan, devices)
+        plan = plan.on_devices(devices)
     check_devices(plan.devices)
     return plan
 
@@ -249,10 +238,11 @@ def _report(r: dict[str, Any], out: Output) -> None:
 
 
 def _compare_row(
-    name: str, plan: Plan | None, ilp: Plan | None, error: str = ""
+    name: str, plan: Plan | None, ilp: Plan | None, error: Exception | None = None
 ) -> dict[str, Any]:
     if plan is None:
-        return {"policy": name, "status": "infeasible", "error": error}
+        status = "infeasible" if isinstance(error, InfeasiblePlanError) else "failed"
+        return {"policy": name, "status": status, "error": " ".join(str(error).split())}
     ratio = plan.bottleneck / ilp.bottleneck if ilp is not None and ilp.bottleneck > 0 else None
     return {
         "policy": name,
@@ -273,7 +263,7 @@ def _compare_table(rows: list[dict[str, Any]]) -> Any:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in rows:
         if "bottleneck" not in row:
-            table.add_row(row["policy"], "infeasible", "-", "-", "-", "-", row["error"][:60])
+            table.add_row(row["policy"], row["status"], "-", "-", "-", "-", row["error"][:60])
             continue
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
         table.add_row(
@@ -309,15 +299,15 @@ def compare(args: argparse.Namespace, out: Output) -> int:
             ilp: Plan | None = solve_plan(graph, setup, args, opts)
             rows = [_compare_row("ilp", ilp, ilp)]
         except InfeasiblePlanError as e:
-            ilp, rows = None, [_compare_row("ilp", None, None, str(e))]
+            ilp, rows = None, [_compare_row("ilp", None, None, e)]
         for policy in policies:
             step(f"baseline {policy}")
             try:
                 with quiet_stdout(args.debug):
                     plan = baseline(graph, opts.devices, policy, bandwidth=opts.bandwidth)
                 rows.append(_compare_row(policy, plan, ilp))
-            except InfeasiblePlanError as e:
-                rows.append(_compare_row(policy, None, ilp, " ".join(str(e).split())))
+            except ModelSplitError as e:  # a policy that cannot meet the memory limits
+                rows.append(_compare_row(policy, None, ilp, e))
     out.data(rows)
     out.show(_compare_table(rows))
     if ilp is None:
