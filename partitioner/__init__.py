@@ -7,6 +7,8 @@ the names that need torch are loaded on first use, so ``import partitioner`` is 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from partitioner.cost import DeviceSpec, evaluate
@@ -48,5 +50,25 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'partitioner' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Keeps ``partitioner.trace`` the function when the module of that name is imported.
+
+    Importing a submodule sets it as an attribute of its package, which would make
+    ``from partitioner import trace`` return the module ``partitioner.trace`` rather
+    than the function once anything had imported that module. Submodules stay
+    reachable through ``from partitioner.trace import ...`` (sys.modules).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

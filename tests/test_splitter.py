@@ -1,0 +1,148 @@
+"""ModelSplitter and auto_partition: the seed example, transparency, plans and weights."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from examples.models import MyModel, small
+from partitioner import ModelSplitter, PlanError, auto_partition, trace
+from partitioner.splitter import resolve_devices
+
+
+def test_seed_example_verbatim_then_batch_37() -> None:
+    model = MyModel()
+    splitter = ModelSplitter(model, num_devices=4)
+    input_data = torch.randn(100, 64)
+    output = splitter.forward(input_data)
+
+    torch.testing.assert_close(output, model(input_data))
+    plan = splitter.plan
+    assert plan is not None and 1 <= plan.num_stages <= 4
+    x = torch.randn(37, 64)
+    torch.testing.assert_close(splitter(x), model(x))
+    assert splitter.plan is plan  # another batch size reuses the plan
+
+
+def test_parameters_and_state_dict_are_the_models() -> None:
+    model, args, _ = small("gpt")
+    splitter = ModelSplitter(model, num_devices=3, example_inputs=args, time_limit=5)
+    assert list(splitter.state_dict()) == list(model.state_dict())
+    assert [id(p) for p in splitter.parameters()] == [id(p) for p in model.parameters()]
+    staged = {id(p) for stage in splitter.stages for p in stage.parameters()}
+    assert staged == {id(p) for p in model.parameters()}
+    # A checkpoint of the model loads into the splitter and changes what it computes.
+    other, _, _ = small("gpt")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    splitter.load_state_dict(other.state_dict())
+    torch.testing.assert_close(splitter(*args), other(*args))
+
+
+@pytest.mark.parametrize(("name", "devices", "chunks"), [("gpt", 2, 3), ("two_input_dict", 3, 2)])
+def test_training_gradients_equal_unsplit(name: str, devices: int, chunks: int) -> None:
+    model, args, kwargs = small(name, batch=6)
+    reference, _, _ = small(name, batch=6)
+    reference.load_state_dict(model.state_dict())
+    splitter = ModelSplitter(model, num_devices=devices, chunks=chunks, time_limit=5)
+
+    def loss_of(out: object) -> torch.Tensor:
+        if isinstance(out, dict):
+            return sum(v.float().pow(2).mean() for v in out.values())  # type: ignore[return-value]
+        return out.float().pow(2).mean()  # type: ignore[union-attr]
+
+    loss_of(splitter(*args, **kwargs)).backward()
+    loss_of(reference(*args, **kwargs)).backward()
+    for (name_a, a), (name_b, b) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        assert name_a == name_b
+        torch.testing.assert_close(a.grad, b.grad, msg=name_a)
+
+
+def test_optimizer_on_splitter_trains_the_split_model() -> None:
+    model, args, _ = small("mlp", batch=8)
+    splitter = ModelSplitter(model, num_devices=2, chunks=2, time_limit=5)
+    opt = torch.optim.SGD(splitter.parameters(), lr=0.1)
+    before = splitter(*args).pow(2).mean()
+    before.backward()
+    opt.step()
+    after = splitter(*args).pow(2).mean()
+    assert after.item() < before.item()
+    torch.testing.assert_close(splitter(*args), model(*args))
+
+
+def test_new_input_structure_is_planned_and_cached() -> None:
+    model, args, _ = small("gpt", batch=4)
+    splitter = ModelSplitter(model, num_devices=2, time_limit=5)
+    splitter(*args)
+    first = splitter.plan
+    longer = torch.randint(0, 64, (4, 24))
+    torch.testing.assert_close(splitter(longer), model(longer))
+    assert splitter.plan is not first
+    splitter(*args)
+    assert splitter.plan is first
+
+
+def test_from_plan_reuses_a_saved_plan(tmp_path) -> None:
+    model, args, _ = small("my_model", batch=8)
+    plan = auto_partition(model, args, num_devices=3, chunks=2, time_limit=5)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    splitter = ModelSplitter.from_plan(model, str(path))
+    torch.testing.assert_close(splitter(*args), model(*args))
+    assert splitter.plan is not None
+    assert splitter.plan.assignment == plan.assignment
+    assert splitter.devices == plan.devices
+
+
+def test_from_plan_of_another_model_is_a_clear_error() -> None:
+    model, args, _ = small("my_model", batch=8)
+    plan = auto_partition(model, args, num_devices=2, time_limit=5)
+    other, other_args, _ = small("mlp", batch=8)
+    splitter = ModelSplitter.from_plan(other, plan)
+    with pytest.raises(PlanError, match="does not have|does not place"):
+        splitter(*other_args)
+
+
+def test_memory_limits_reach_the_plan() -> None:
+    model, args, _ = small("mlp", batch=8)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = auto_partition(model, args, num_devices=3, memory=f"{total // 2 + 2048}B")
+    assert plan.num_stages >= 2
+    assert all(s.memory <= total // 2 + 2048 for s in plan.stages)
+
+
+def test_resolve_devices() -> None:
+    assert [d.name for d in resolve_devices(3)] == ["cpu:0", "cpu:1", "cpu:2"]
+    specs = resolve_devices(devices=["cpu", "cpu"], memory=["1GB", None], speed=[1, 2])
+    assert [(d.name, d.memory, d.speed) for d in specs] == [
+        ("cpu:0", 10**9, 1.0),
+        ("cpu:1", None, 2.0),
+    ]
+    with pytest.raises(ValueError, match="positive integer"):
+        resolve_devices(0)
+    with pytest.raises(ValueError, match="one per device"):
+        resolve_devices(2, memory=["1GB"])
+    with pytest.raises(ValueError, match="unique"):
+        resolve_devices(devices=["cuda:0", "cuda:0"])
+
+
+def test_no_thread_outlives_a_call() -> None:
+    model, args, _ = small("mlp", batch=8)
+    splitter = ModelSplitter(model, num_devices=3, chunks=4, time_limit=5)
+    splitter(*args)
+    before = threading.active_count()
+    for _ in range(3):
+        splitter(*args)
+    assert threading.active_count() == before
+
+
+def test_package_names_stay_functions_after_submodule_imports() -> None:
+    import partitioner.trace  # noqa: F401  (sets the submodule on the package)
+    from partitioner import trace as fn
+
+    assert callable(fn) and fn is trace
