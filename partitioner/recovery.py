@@ -39,7 +39,7 @@ from torch import nn
 from partitioner.cost import DeviceSpec
 from partitioner.errors import InfeasiblePlanError
 from partitioner.plan import Plan
-from runtime.faults import RecoveryError
+from runtime.faults import RecoveryError, lost_memory
 
 __all__ = ["HostCopy", "ReplanTimes", "StateDictSource", "lost_tensors", "replan_plan"]
 
@@ -61,16 +61,20 @@ def _named_tensors(model: nn.Module) -> NamedTensors:
 
 def lost_tensors(model: nn.Module, failed: str) -> NamedTensors:
     """The weights whose memory went with ``failed`` (none for a CPU worker)."""
-    dead = torch.device(failed)
-    if dead.type == "cpu":
+    dead = lost_memory(failed)
+    if dead is None:
         return []
     return [(n, t) for n, t in _named_tensors(model) if t.device == dead]
 
 
 class HostCopy:
-    """A CPU copy of the accelerator-resident weights, refreshed where they changed."""
+    """A CPU copy of the accelerator-resident weights, refreshed where they changed.
 
-    def __init__(self) -> None:
+    ``include_cpu`` copies CPU tensors too (for tests; a CPU worker's failure leaves them).
+    """
+
+    def __init__(self, include_cpu: bool = False) -> None:
+        self.include_cpu = include_cpu
         self._copies: dict[int, tuple[torch.Tensor, int, int]] = {}
 
     @property
@@ -80,7 +84,7 @@ class HostCopy:
     def refresh(self, model: nn.Module) -> None:
         """Copy each accelerator tensor whose version or storage changed since last time."""
         for _, t in _named_tensors(model):
-            if t.device.type == "cpu":
+            if t.device.type == "cpu" and not self.include_cpu:
                 self._copies.pop(id(t), None)
                 continue
             key = (t._version, t.data_ptr())

@@ -300,6 +300,16 @@ class ModelSplitter(nn.Module):
     and cached. The model's submodules, parameters and buffers are registered
     under their original names, so ``named_parameters()`` and ``state_dict()``
     match the model's and a checkpoint loads into either.
+
+    ``on_failure="replan"`` survives a lost device mid-call: the plan is solved again on
+    the surviving devices from the cached CostGraph, the lost weights come back from
+    ``recovery`` ("host-copy": a CPU copy of accelerator-resident weights; "state-dict": the
+    file at ``state_dict_path``), the micro-batches that did not complete run again, and
+    later calls use the new plan ([Note: re-planning] in `partitioner.recovery`,
+    [Note: resuming a call] in `runtime.resume`). ``stage_timeout`` (seconds) counts a
+    worker that sends nothing for that long as a failed device. ``failed_devices`` lists
+    the devices lost so far, ``recoveries`` what each recovered call went through, and
+    `revive` puts repaired devices back.
     """
 
     def __init__(

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from runtime.errors import StageError
+from runtime.faults import DeviceFailure, RecoveryError, StageTimeout, inject_failure
 from runtime.pipeline import Pipeline, RunRecord
 from runtime.schedule import clock_cycles, format_schedule
 
-__all__ = ["Pipeline", "RunRecord", "StageError", "clock_cycles", "format_schedule"]
+__all__ = [
+    "DeviceFailure",
+    "Pipeline",
+    "RecoveryError",
+    "RunRecord",
+    "StageError",
+    "StageTimeout",
+    "clock_cycles",
+    "format_schedule",
+    "inject_failure",
+]

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from runtime.errors import StageError
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "device_names",
     "inject_failure",
     "is_device_failure",
+    "lost_memory",
     "rebind_hook",
 ]
 
@@ -114,6 +117,16 @@ def _is_lost_cuda(exc: BaseException) -> bool:
     if any(user in text for user in USER_CUDA_ERRORS):
         return False
     return any(lost in text for lost in LOST_DEVICE_ERRORS)
+
+
+def lost_memory(name: str) -> torch.device | None:
+    """The torch device whose memory is gone when device ``name`` fails; None for a CPU
+    worker (or any name that is not a torch device), whose memory is the host's."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return None
+    return None if device.type == "cpu" else device
 
 
 def device_names(pipe: Any) -> list[str]:

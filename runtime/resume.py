@@ -33,7 +33,13 @@ from typing import Any
 import torch
 
 from runtime.errors import StageError
-from runtime.faults import RecoveryError, device_names, is_device_failure, rebind_hook
+from runtime.faults import (
+    RecoveryError,
+    device_names,
+    is_device_failure,
+    lost_memory,
+    rebind_hook,
+)
 from runtime.microbatch import gather, tree_leaves, tree_map
 
 __all__ = ["Failure", "Recovery", "last_recovery", "latest", "move_off", "resume"]
@@ -100,8 +106,9 @@ def resume(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         name = device_names(current)[error.stage]
         failed.append(name)
         where = lost[error.microbatch] if error.microbatch < len(lost) else error.microbatch
-        done.update(_kept(error.completed, lost, name))
-        lost = [i for i in lost if i not in done]
+        done = {i: out for i, out in done.items() if _survives(out, name)}
+        done.update({lost[k]: out for k, out in error.completed.items() if _survives(out, name)})
+        lost = [i for i in range(len(sizes)) if i not in done]
         failure = Failure(name, error.stage, where, error, tuple(failed))
         record.failures.append(failure)
         log.warning(
@@ -153,18 +160,13 @@ def _replan(current: Any, failure: Failure, record: Recovery) -> Any:
     return new
 
 
-def _kept(completed: dict[int, Any], lost: list[int], failed: str) -> dict[int, Any]:
-    """Completed outputs (keyed by position in ``lost``) that survive ``failed``'s loss."""
-    dead = torch.device(failed)
-    if dead.type == "cpu":
-        return {lost[k]: out for k, out in completed.items()}
-    kept = {}
-    for k, out in completed.items():
-        tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if any(t.device == dead or t.grad_fn is not None for t in tensors):
-            continue
-        kept[lost[k]] = out
-    return kept
+def _survives(output: Any, failed: str) -> bool:
+    """Whether a completed output outlives ``failed``: see [Note: resuming a call]."""
+    dead = lost_memory(failed)
+    if dead is None:
+        return True
+    tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+    return not any(t.device == dead or t.grad_fn is not None for t in tensors)
 
 
 class _PerMicrobatch:

@@ -14,7 +14,7 @@ from torch import nn
 from examples.models import MLP
 from partitioner import ModelSplitter
 from partitioner.cost import DeviceSpec
-from partitioner.recovery import StateDictSource, lost_tensors, replan_plan
+from partitioner.recovery import HostCopy, StateDictSource, lost_tensors, replan_plan
 from runtime import Pipeline, StageError
 from runtime.faults import (
     DeviceFailure,
@@ -43,6 +43,7 @@ def shared() -> tuple[MLP, ModelSplitter, torch.Tensor]:
         time_limit=2,
         on_failure="replan",
         cost="flops",
+        bandwidth=1e15,  # free transfers: four equal stages of two layers each
     )
     assert splitter.devices == DEVICES
     return model, splitter, x
@@ -122,15 +123,15 @@ def test_failures_cascade_down_to_one_device(
 def test_last_device_failing_is_a_clear_error(
     shared: tuple[MLP, ModelSplitter, torch.Tensor], split: ModelSplitter
 ) -> None:
-    with pytest.raises(RecoveryError, match=r"every device failed .*bytes") as info:
-        with torch.no_grad():
-            with (
-                inject_failure(split, stage=0, microbatch=0),
-                inject_failure(split, stage=1, microbatch=0),
-                inject_failure(split, stage=2, microbatch=0),
-                inject_failure(split, stage=3, microbatch=0),
-            ):
-                split(shared[2])
+    with (
+        pytest.raises(RecoveryError, match=r"every device failed .*bytes") as info,
+        torch.no_grad(),
+        inject_failure(split, stage=0, microbatch=0),
+        inject_failure(split, stage=1, microbatch=0),
+        inject_failure(split, stage=2, microbatch=0),
+        inject_failure(split, stage=3, microbatch=0),
+    ):
+        split(shared[2])
     assert sorted(info.value.failed_devices) == DEVICES
     assert all(d in str(info.value) for d in DEVICES)
     assert isinstance(info.value.__cause__, StageError)
@@ -144,7 +145,9 @@ def test_model_that_no_longer_fits_the_survivors(
     offered = [DeviceSpec(name, memory=need // 3) for name in DEVICES]
     opts = split.__dict__["_opts"]
     replan_plan(compiled.graph, compiled.plan, offered, [], opts)  # four devices fit
-    with pytest.raises(RecoveryError, match=rf"cpu:1 .*no longer fits.*needs {need} bytes"):
+    with pytest.raises(
+        RecoveryError, match=rf"losing cpu:1, cpu:2 the model no longer fits.*needs {need} bytes"
+    ):
         replan_plan(compiled.graph, compiled.plan, offered, ["cpu:1", "cpu:2"], opts)
 
 
@@ -231,10 +234,12 @@ def test_bare_pipeline_moves_the_failed_stage_to_a_neighbour() -> None:
         record = last_recovery(pipe)
         assert record is not None and record.failures[0].device == "cpu:1"
         torch.testing.assert_close(pipe(x), expected, rtol=0, atol=0)  # on the new devices
-        with pytest.raises(RecoveryError, match="every device of the pipeline failed"):
-            with inject_failure(pipe, stage=0, microbatch=0):
-                with inject_failure(pipe, stage=2, microbatch=0):
-                    pipe(x)
+        with (
+            pytest.raises(RecoveryError, match="every device of the pipeline failed"),
+            inject_failure(pipe, stage=0, microbatch=0),
+            inject_failure(pipe, stage=2, microbatch=0),
+        ):
+            pipe(x)
 
 
 def test_bare_pipeline_raises_by_default() -> None:
@@ -249,8 +254,8 @@ def test_a_worker_that_does_not_answer_times_out_and_is_replanned() -> None:
     before = threading.active_count()
     stages = _stages()
     x = torch.randn(8, 8)
-    pipe = Pipeline(stages, ["cpu"] * 3, chunks=4, on_failure="replan", stage_timeout=0.3)
-    with torch.no_grad(), inject_failure(pipe, stage=1, microbatch=1, hang=1.0):
+    pipe = Pipeline(stages, ["cpu"] * 3, chunks=4, on_failure="replan", stage_timeout=0.5)
+    with torch.no_grad(), inject_failure(pipe, stage=1, microbatch=1, hang=1.5):
         out = pipe(x)
         torch.testing.assert_close(out, nn.Sequential(*stages)(x), rtol=0, atol=0)
     record = last_recovery(pipe)
@@ -276,9 +281,52 @@ def test_state_dict_source_restores_lost_weights(tmp_path: Path) -> None:
     assert lost_tensors(model, "cpu:1") == []  # host memory survives a CPU worker
 
 
+def test_host_copy_follows_updates_and_restores_lost_weights() -> None:
+    model = nn.Linear(4, 4)
+    host = HostCopy(include_cpu=True)  # CPU tensors stand in for a GPU's here
+    host.refresh(model)
+    assert host.nbytes == sum(p.numel() * 4 for p in model.parameters())
+    with torch.no_grad():
+        model.weight.add_(1.0)  # an optimizer step: the version moves, the copy follows
+    host.refresh(model)
+    saved = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    host.restore([("weight", model.weight)])
+    assert torch.equal(model.weight, saved)
+    assert HostCopy().nbytes == 0
+
+
 def test_inject_failure_needs_a_planned_splitter() -> None:
-    with pytest.raises(ValueError, match="plan it first"):
-        with inject_failure(ModelSplitter(nn.Linear(2, 2), 2), stage=0, microbatch=0):
-            pass
+    lazy = ModelSplitter(nn.Linear(2, 2), 2)
+    with (
+        pytest.raises(ValueError, match="plan it first"),
+        inject_failure(lazy, stage=0, microbatch=0),
+    ):
+        pass
     with pytest.raises(ValueError, match="recovery='state-dict' needs state_dict_path"):
         ModelSplitter(nn.Linear(2, 2), 2, on_failure="replan", recovery="state-dict")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lost_gpu_weights_come_back_from_the_host_copy() -> None:
+    model = MLP(32, 4)
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        expected = model(x)
+    split = ModelSplitter(
+        model,
+        devices=["cuda:0", "cpu"],
+        chunks=4,
+        example_inputs=(x,),
+        time_limit=2,
+        on_failure="replan",
+        cost="flops",
+        bandwidth=1e15,
+    )
+    assert split.devices[0] == "cuda:0"
+    with torch.no_grad(), inject_failure(split, stage=0, microbatch=1):
+        out = split(x)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
+    assert split.failed_devices == ["cuda:0"] and split.devices == ["cpu:1"]
+    assert all(p.device.type == "cpu" for p in model.parameters())
