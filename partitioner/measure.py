@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Measurements", "measure", "nbytes", "tree_nbytes"]
+__all__ = ["Measurements", "measure", "nbytes", "tensor_key", "tree_nbytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Measurements:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _tensor_key(t: torch.Tensor) -> int:
+def tensor_key(t: torch.Tensor) -> int:
     """Identity of a tensor's memory: its storage pointer, or the object on `meta`."""
     if t.device.type != "meta":
         ptr = t.untyped_storage().data_ptr()
@@ -141,7 +141,7 @@ def measure(
 ) -> Measurements:
     """Measure every node of ``gm`` on the positional placeholder values ``inputs``.
 
-    ``exclude`` holds `_tensor_key`s (parameters, buffers) that do not count as
+    ``exclude`` holds `tensor_key`s (parameters, buffers) that do not count as
     saved activations. Saved tensors are counted once, at the first node saving them.
     """
     found = Measurements()
@@ -152,16 +152,18 @@ def measure(
     keep: list[torch.Tensor] = []  # keeps ids stable while `seen` uses them on meta
 
     def record(t: torch.Tensor) -> None:
-        key = _tensor_key(t)
+        key = tensor_key(t)
         if key not in seen:
             seen.add(key)
             keep.append(t)
             name = probe.current
             found.saved_bytes[name] = found.saved_bytes.get(name, 0) + nbytes(t)
 
+    counted = [0]  # FLOPs counted before the current node
+
     def first(n: fx.Node, out: Any, args: Any, kwargs: Any, _: float) -> None:
         total = counter.get_total_flops()
-        found.flops[n.name] = total - sum(found.flops.values())
+        found.flops[n.name], counted[0] = total - counted[0], total
         found.out_bytes[n.name] = tree_nbytes(out)
         found.in_bytes[n.name] = tree_nbytes((args, kwargs))
         progress.advance()

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from partitioner.measure import _tensor_key, measure, nbytes
+from partitioner.measure import measure, nbytes, tensor_key
 from partitioner.program import program_of
 
 __all__ = ["COSTS", "DEFAULT_MEM_BANDWIDTH", "DEFAULT_PEAK_FLOPS", "profile"]
@@ -91,7 +91,7 @@ def profile(
         timed=cost == "time",
         repeat=repeat,
         training=training,
-        exclude={_tensor_key(t) for t in _tensors(gm)},
+        exclude={tensor_key(t) for t in _tensors(gm)},
         sync=sync,
     )
     graph = _cost_graph(gm, found, cost, peak_flops, mem_bandwidth, training, chunks)
@@ -143,9 +143,12 @@ def _placed(
     if meta:
         return gm, torch.device("meta")
     target = torch.device(device) if device is not None else here
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
     if target.type == "meta":
         raise ValueError("cannot time on the meta device: profile with cost='flops'")
-    if target != here:
+    same = target.type == here.type and None in (target.index, here.index)
+    if target != here and not same:
         logger.debug("profiling a copy of %s on %s", type(gm).__name__, target)
         gm = copy.deepcopy(gm).to(target)
     return gm, target

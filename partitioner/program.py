@@ -136,37 +136,36 @@ class ExportBinder:
         keys = list(kwargs_spec.context or [])
         if self.signature is None or (len(args) == n_pos and sorted(kwargs) == sorted(keys)):
             return args, kwargs
+        params = self.signature.parameters.values()
         bound = self.signature.bind(*args, **kwargs)
-        given = set(bound.arguments)
         bound.apply_defaults()
-        named = dict(bound.arguments)
+        named: dict[str, Any] = {}  # every argument by name, **kwargs spread out
         positional: list[Any] = []
-        var_kw: dict[str, Any] = {}
-        for p in self.signature.parameters.values():
+        for p in params:
+            value = bound.arguments.get(p.name)
             if p.kind in _POSITIONAL:
-                positional.append(named.get(p.name))
+                positional.append(value)
+                named[p.name] = value
             elif p.kind is inspect.Parameter.VAR_POSITIONAL:
-                positional.extend(named.pop(p.name, ()))
+                positional.extend(value or ())
             elif p.kind is inspect.Parameter.VAR_KEYWORD:
-                var_kw = named.pop(p.name, {})
-                given |= set(var_kw)
-        pos_names = [p.name for p in self.signature.parameters.values() if p.kind in _POSITIONAL]
+                named.update(value or {})
+            else:
+                named[p.name] = value
+        pos_names = [p.name for p in params if p.kind in _POSITIONAL]
         covered = set(pos_names[:n_pos]) | set(keys)
+        defaults = {p.name: p.default for p in params}
         extra = sorted(
-            given
-            - covered
-            - {
-                p.name
-                for p in self.signature.parameters.values()
-                if p.kind is inspect.Parameter.VAR_POSITIONAL
-            }
+            name
+            for name, value in named.items()
+            if name not in covered and value is not None and value is not defaults.get(name)
         )
         if extra:
             raise ValueError(
                 f"argument(s) {extra} were not given when the model was traced; "
                 f"trace again with them in the example inputs"
             )
-        new_kwargs = {k: named[k] if k in named else var_kw[k] for k in keys}
+        new_kwargs = {k: named.get(k) for k in keys}
         return tuple(positional[:n_pos]), new_kwargs
 
 

@@ -211,6 +211,12 @@ def _trace_export(
 ) -> fx.GraphModule:
     if leaves:
         logger.debug("leaf_modules do not apply to export; %s ignored", list(leaves))
+    if batch_size(args, kwargs) == 1:
+        logger.warning(
+            "%s: example batch size 1 makes torch.export specialise dim 0 to 1; "
+            "trace with a batch of 2 or more to run other (micro-)batch sizes",
+            type(model).__name__,
+        )
     signature: inspect.Signature | None = inspect.signature(model.forward)
     dynamic: Any = None
     try:

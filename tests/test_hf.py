@@ -125,10 +125,12 @@ def test_hf_trace_and_profile(name: str) -> None:
     with torch.no_grad():
         expected = model(*args3, **kwargs3)
         actual = run_by_node(gm, args3, kwargs3)
-    assert type(actual) is type(expected)
-    assert list(actual.keys()) == list(expected.keys())
-    for got, want in zip(pytree.tree_leaves(actual), pytree.tree_leaves(expected), strict=True):
-        torch.testing.assert_close(got, want)
+        direct = gm(*args3, **kwargs3)
+    for out in (actual, direct):
+        assert type(out) is type(expected)
+        assert list(out.keys()) == list(expected.keys())
+        for got, want in zip(pytree.tree_leaves(out), pytree.tree_leaves(expected), strict=True):
+            torch.testing.assert_close(got, want)
 
     graph = profile(gm, args, kwargs, chunks=2, cost="flops")
     validate_graph(graph)
@@ -158,3 +160,18 @@ def test_llama_on_meta_device() -> None:
     assert graph.graph["device"] == "meta"
     assert sum(d for _, d in graph.nodes(data="param_bytes")) == unique_bytes(model)
     assert sum(d for _, d in graph.nodes(data="flops")) > 0
+
+
+def test_gpt2_binds_calls_of_another_form() -> None:
+    model = gpt2().eval()
+    x, mask = ids(3), torch.ones(3, 12, dtype=torch.long)
+    gm = trace(model, (), {"input_ids": x, "attention_mask": mask})
+    program = program_of(gm)
+    assert program.inputs == ("input_ids", "attention_mask")
+    with torch.no_grad():
+        want = model(x, attention_mask=mask).logits
+        for args, kwargs in [((x,), {"attention_mask": mask}), ((x, None, mask), {})]:
+            torch.testing.assert_close(run_by_node(gm, args, kwargs).logits, want)
+    program.bind((x,), {"attention_mask": mask, "labels": None})  # a default: fine
+    with pytest.raises(ValueError, match="labels"):
+        program.bind((x,), {"attention_mask": mask, "labels": x})

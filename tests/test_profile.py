@@ -83,7 +83,7 @@ def check_contract(graph: nx.DiGraph, gm: fx.GraphModule, model: nn.Module) -> N
 def test_cost_graph_contract(name: str) -> None:
     model, args, kwargs = small(name, batch=4)
     gm = trace(model, args, kwargs)
-    graph = profile(gm, args, kwargs, chunks=2, repeat=2)
+    graph = profile(gm, args, kwargs, chunks=2, repeat=1)
     check_contract(graph, gm, model)
     assert graph.graph["chunks"] == 2 and graph.graph["batch_size"] == 4
     assert graph.graph["micro_batch_size"] == 2 and graph.graph["cost"] == "time"
