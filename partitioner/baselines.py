@@ -27,8 +27,8 @@ import networkx as nx
 from partitioner.cost import (
     DEFAULT_BANDWIDTH,
     Bandwidth,
-    DeviceSpec,
     DevicesLike,
+    DeviceSpec,
     check_bandwidth,
     evaluate,
     lower_bound,
@@ -36,7 +36,7 @@ from partitioner.cost import (
     validate_graph,
 )
 from partitioner.errors import InfeasiblePlanError
-from partitioner.heuristics import Indexed, index_graph, split_by_time
+from partitioner.heuristics import Indexed, index_graph, sources_late, split_by_time
 from partitioner.plan import Plan, make_plan
 
 __all__ = ["POLICIES", "baseline", "baseline_stages"]
@@ -61,7 +61,7 @@ def baseline(
     check_bandwidth(bandwidth, len(specs))
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES} (got {policy!r})")
-    g = index_graph(graph)
+    g = index_graph(graph, sources_late(graph))
     stage = baseline_stages(graph, g, specs, policy)
     assignment = dict(zip(g.names, stage, strict=True))
     ev = evaluate(graph, assignment, specs, bandwidth)
@@ -113,7 +113,7 @@ def _layers(graph: nx.DiGraph, g: Indexed, by_node: bool = False) -> list[int]:
         keys.append(m.group(1) if m else (module.split(".")[0] or None))
     use_modules = not by_node and any(k is not None for k in keys)
     unit, units, prev = -1, [0] * g.n, object()
-    for i, v in enumerate(g.names):
+    for i in range(g.n):
         if use_modules:
             key: object = keys[i]
             if key is not None and key != prev:
@@ -171,10 +171,14 @@ def _count(w: list[float], cap: float) -> int:
     return pieces
 
 
+def _capacity(spec: DeviceSpec) -> float:
+    return float("inf") if spec.memory is None else float(spec.memory)
+
+
 def _fill(g: Indexed, specs: Sequence[DeviceSpec]) -> list[int]:
     stage, k, used = [0] * g.n, 0, 0
     for i in range(g.n):
-        while specs[k].memory is not None and used + g.mem[i] > specs[k].memory:
+        while used + g.mem[i] > _capacity(specs[k]):
             if k == len(specs) - 1:
                 raise InfeasiblePlanError("greedy-memory: the model does not fit the devices")
             k, used = k + 1, 0

@@ -21,6 +21,7 @@ __all__ = [
     "greedy_split",
     "fits_memory",
     "index_graph",
+    "sources_late",
     "refine",
     "split_by_time",
     "stage_costs",
@@ -57,8 +58,32 @@ class Indexed:
         return len(self.names)
 
 
-def index_graph(graph: nx.DiGraph) -> Indexed:
-    names = topo_order(graph)
+def sources_late(graph: nx.DiGraph) -> list[str]:
+    """A topological order with each source (a parameter, an input) just before its first user.
+
+    torch.export lists every parameter first; cut as it is, a contiguous split
+    would put all weights on the first stage and all compute on the last.
+    """
+    order = topo_order(graph)
+    pos = {v: i for i, v in enumerate(order)}
+    late: dict[str, list[str]] = {}
+    rest = []
+    for v in order:
+        users = [pos[w] for w in graph.successors(v)]
+        if graph.in_degree(v) == 0 and users:
+            late.setdefault(order[min(users)], []).append(v)
+        else:
+            rest.append(v)
+    out: list[str] = []
+    for v in rest:
+        out.extend(late.get(v, ()))
+        out.append(v)
+    return out
+
+
+def index_graph(graph: nx.DiGraph, order: Sequence[str] | None = None) -> Indexed:
+    """Flatten ``graph`` in ``order`` (a topological order; default `topo_order`)."""
+    names = list(order) if order is not None else topo_order(graph)
     pos = {v: i for i, v in enumerate(names)}
     nodes = graph.nodes
     return Indexed(

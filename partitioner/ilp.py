@@ -23,6 +23,12 @@ while the whole term stays under ``1e-6`` of the even share, which the reported
 bound subtracts); balanced-cut minimises comm
 subject to ``time_k / speed_k <= (1 + imbalance) * total / sum(speed)``.
 
+Given ``upper`` (a bottleneck some plan reaches), x is fixed outside each group's
+stage window (`partitioner.ilp_windows`) and ``C_k >= floor_i / bw * y[i,k]``
+adds what a stage holding group i must receive (`ilp_bounds.receive_floors`):
+both hold for every plan at least as good, so the optimum stays in the model and
+the dual bound, capped at ``upper``, stays valid.
+
 With a bandwidth matrix the ILP charges tensor bytes at the fastest link into
 stage k (``bw_k = max_s bw[s][k]``): never more than the true cost, so its bound
 stays valid; plans are always re-evaluated exactly.
@@ -40,7 +46,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from partitioner.cost import Bandwidth, DeviceSpec, bandwidth_between
+from partitioner.cost import Bandwidth, DeviceSpec
+from partitioner.ilp_windows import in_bandwidth as _in_bandwidth
+from partitioner.ilp_windows import stage_windows
 
 __all__ = ["IlpInput", "IlpResult", "available_solvers", "solve_ilp"]
 
@@ -83,49 +91,6 @@ def available_solvers() -> tuple[str, ...]:
     if _cbc(1.0, 0.0, False).available():
         found.append("cbc")
     return tuple(found)
-
-
-def _in_bandwidth(bw: Bandwidth, k: int, n: int) -> float:
-    if isinstance(bw, int | float):
-        return float(bw)
-    return max((bandwidth_between(bw, s, k) for s in range(n) if s != k), default=1.0)
-
-
-def stage_windows(
-    inp: IlpInput, specs: Sequence[DeviceSpec], upper: float | None
-) -> tuple[list[int], list[int]]:
-    """Earliest and latest stage of each group in any assignment with bottleneck <= upper.
-
-    A group and its ancestors fill stages 0..stage(i); with every stage k holding
-    at most ``upper * speed_k`` of time, stage(i) >= the first k whose cumulative
-    capacity covers the ancestors' time; symmetrically with descendants for the
-    latest stage. Fixing x outside these windows removes the fractional "every
-    node a little in every stage" points that make the plain LP bound weak.
-    """
-    import numpy as np
-
-    n, K = len(inp.time), len(specs)
-    if upper is None or n == 0:
-        return [0] * n, [K - 1] * n
-    t = np.asarray(inp.time, dtype=np.float64)
-    preds: list[list[int]] = [[] for _ in range(n)]
-    for a, b in inp.edges:
-        preds[b].append(a)
-    anc = np.zeros((n, n), dtype=bool)
-    for v in range(n):  # groups are indexed in topological order
-        if preds[v]:
-            anc[v] = np.logical_or.reduce(anc[preds[v]], axis=0)
-            anc[v, preds[v]] = True
-    up = anc @ t + t
-    down = anc.T @ t + t
-    cap = upper * (1 + 1e-9)
-    before = np.cumsum([cap * s.speed for s in specs])  # capacity of stages 0..k
-    after = np.cumsum([cap * s.speed for s in reversed(specs)])[::-1]  # stages k..K-1
-    lo = [int(np.searchsorted(before, u - 1e-12 * cap)) for u in up]
-    hi = [int(np.searchsorted(-after, -d - 1e-12 * cap, side="right")) - 1 for d in down]
-    lo = [min(a, K - 1) for a in lo]
-    hi = [max(min(b, K - 1), a) for a, b in zip(lo, hi, strict=True)]
-    return lo, hi
 
 
 def _build(
@@ -250,7 +215,7 @@ def _quiet_highs() -> None:
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 1)
-            highspy.Highs()
+            highspy.Highs()  # type: ignore[no-untyped-call]
     finally:
         os.dup2(saved, 1)
         os.close(saved)
@@ -262,7 +227,7 @@ def _highs_class(start: dict[str, float] | None) -> Any:
 
     _quiet_highs()
 
-    class WarmHiGHS(pulp.HiGHS):  # type: ignore[misc, name-defined]
+    class WarmHiGHS(pulp.HiGHS):  # type: ignore[misc]
         """pulp's HiGHS with a MIP start (pulp 3.3 passes none to HiGHS)."""
 
         def callSolver(self, lp: Any) -> None:
@@ -316,7 +281,7 @@ def solve_ilp(
     scale = max(sum(inp.time) / sum(s.speed for s in specs), 1e-12)
     if objective != "throughput":
         scale, upper = 1.0, None
-    lo, hi = stage_windows(inp, specs, upper)
+    lo, hi = stage_windows(inp, specs, upper, bw)
     if upper is None:
         inp = IlpInput(inp.time, inp.mem, inp.edges, inp.tensors)  # floors need `upper`
     if start is not None and any(not a <= s <= b for s, a, b in zip(start, lo, hi, strict=True)):

@@ -34,6 +34,10 @@ def balanced(
     )
 
 
+def _named(g: Indexed, stage: Sequence[int]) -> dict[str, int]:
+    return dict(zip(g.names, stage, strict=True))
+
+
 def solve_balanced(
     graph: nx.DiGraph,
     g: Indexed,
@@ -52,7 +56,7 @@ def solve_balanced(
 
     bw = kw["bandwidth"]
     warm = split_by_time(g, specs)
-    if warm is not None and not balanced(graph, dict(zip(g.names, warm)), specs, imbalance):
+    if warm is not None and not balanced(graph, _named(g, warm), specs, imbalance):
         warm = None
     limited = any(s.memory is not None for s in specs)
     level = level_of(_coarsen.reduce_exact(graph, limited), g)
@@ -76,7 +80,7 @@ def solve_balanced(
     if fine:
         meta["comm_seconds_bound"] = res.bound
     stage = level.fine(res.stage) if res.stage is not None else None
-    if stage is not None and not balanced(graph, dict(zip(g.names, stage)), specs, imbalance):
+    if stage is not None and not balanced(graph, _named(g, stage), specs, imbalance):
         stage = None  # numerical slack in the ILP: do not return an unbalanced plan
     status = "optimal" if fine and res.proven else "feasible"
     if stage is None:
@@ -89,7 +93,7 @@ def solve_balanced(
         stage, status = warm, "heuristic"
     return make_plan(
         graph,
-        dict(zip(g.names, stage)),
+        _named(g, stage),
         specs,
         lower_bound=fine_lower_bound(graph, g, specs, bw, None),
         status=status,

@@ -1,24 +1,41 @@
 """Lower bounds on the bottleneck that hold for the fine (uncoarsened) problem.
 
-Two bounds, both valid for every assignment of the original graph:
+Every bound here is valid for the optimum of the original graph; those that take
+``upper`` (a bottleneck some plan reaches) reason only about assignments at
+least as good, which is where the optimum lies.
 
 * the trivial one: ``max(total time / total speed, heaviest node / fastest speed)``;
-* a min-cut bound per heavy node w. Let S be the union of the stages before
+* the node-cut bound, per heavy node w. Let S be the union of the stages before
   stage(w) and D = S ∩ ancestors(w). Every ancestor of w outside D sits in
   stage(w) (it is neither before nor after it), and every tensor of D read by
-  one of them is received by stage(w). So for any assignment::
+  one of them is received by stage(w). So::
 
       C_stage(w) >= min over down-closed D ⊆ anc(w) of
                     time(anc*(w) \\ D) / fastest + bytes leaving D / fastest link
 
-  This is a closure problem with a boundary charge, solved exactly as a minimum
-  s-t cut: s -> v (time(v)), v -> p (inf) for each predecessor p (closure),
-  u -> a_u (out_bytes(u)) and a_u -> c (inf) for each consumer c (each tensor is
-  charged once however many of its consumers sit in stage(w)), w -> t (inf).
+  a closure problem with a boundary charge, solved as a minimum s-t cut
+  (s -> v: time(v); v -> p: inf for each predecessor p; u -> a_u: out_bytes(u)
+  and a_u -> c: inf for each consumer c, so a tensor is charged once; w -> t).
+  It proves plans whose bottleneck is one dominant node (a large LM head).
+* the comm bound, [Note: comm bound] below.
 
-The second bound is what proves plans with a dominant node (a large LM head,
-a tied embedding that has to be sent to it) optimal; for balanced graphs the
-trivial bound is usually within the comm of one cut of the optimum.
+[Note: comm bound]
+Take an assignment with bottleneck T <= upper and B = upper * fastest speed.
+(1) A node w whose heaviest incoming path is longer than B in time ("deep") can
+share its stage with neither that path nor the first stage (which holds all
+ancestors of its nodes). So the first stage, and any stage without a deep node,
+hold only shallow nodes: together at most tau = time of the shallow nodes.
+(2) A stage holding a deep node w receives at least the max-flow, with node
+capacities out_bytes, from the ancestors u of w with a path u ~> w longer than
+B (they sit in earlier stages) to w: every such path crosses a tensor the stage
+reads. `receive_floors` gives the widest single path (a one-path flow) per node;
+r = the least over deep nodes (lightest ones excepted, their time added to tau).
+(3) Sum: total time <= sum over receiving stages of speed * (T - r / link)
++ min(tau, T * speed of the others). Maximised over how the speeds divide, this
+is monotone in T; the least T that satisfies it is the bound. For a transformer
+it is about total/K + (K-1)/K * (one hidden state) / bandwidth: the comm of the
+K-1 cuts that the trivial bound ignores.
+The floors also go into the ILP as ``comm_k >= floor(v) / link * y[v,k]``.
 """
 
 from __future__ import annotations
@@ -83,13 +100,20 @@ def fine_lower_bound(
     specs: Sequence[DeviceSpec],
     bw: Bandwidth,
     upper: float | None,
+    floors: Sequence[float] | None = None,
     heavy: int = 3,
 ) -> float:
-    """The best of the three bounds; ``upper`` is a bottleneck some plan reaches (or None)."""
+    """The best of the three bounds.
+
+    ``upper``: a bottleneck some plan reaches (None: trivial bound only);
+    ``floors``: `receive_floors` for that ``upper`` (computed here if None).
+    """
     best = lower_bound(graph, specs)
     if upper is None:
         return best
-    best = max(best, comm_lower_bound(g, specs, bw, upper, best))
+    if floors is None:
+        floors = receive_floors(g, specs, upper)
+    best = max(best, comm_lower_bound(g, specs, bw, upper, best, floors))
     speed = max(s.speed for s in specs)
     for w in sorted(range(g.n), key=lambda v: (-g.time[v], v))[:heavy]:
         if g.time[w] / speed < 0.7 * best:  # its stage cannot be the bottleneck proof
@@ -102,12 +126,17 @@ def fine_lower_bound(
 
 
 def comm_lower_bound(
-    g: Indexed, specs: Sequence[DeviceSpec], bw: Bandwidth, upper: float, start: float
+    g: Indexed,
+    specs: Sequence[DeviceSpec],
+    bw: Bandwidth,
+    upper: float,
+    start: float,
+    floors: Sequence[float],
 ) -> float:
     """A bound that counts the bytes every loaded stage after the first must receive.
 
-    Valid for every assignment whose bottleneck is below ``upper`` (so, with the
-    incumbent's bottleneck as ``upper``, for the optimum). See [Note: comm bound].
+    Valid for the optimum when some plan reaches ``upper``; ``floors`` are
+    `receive_floors` for ``upper``. See [Note: comm bound].
     """
     speeds = [s.speed for s in specs]
     total, sum_s, s_min = sum(g.time), sum(speeds), min(speeds)
@@ -126,12 +155,7 @@ def comm_lower_bound(
         tau += g.time[heavy.pop(0)]
     if not heavy:
         return start
-    least = math.inf
-    for w in sorted(heavy):
-        least = min(least, _window_flow(g, w, budget, least))
-        if least <= 0:
-            return start
-    r = least / link
+    r = _least_receive(g, heavy, floors, budget) / link
 
     def fits(t: float) -> bool:  # could some assignment have bottleneck t?
         a = min(max(sum_s - tau / t, 0.0), sum_s - s_min)
@@ -151,13 +175,31 @@ def comm_lower_bound(
     return lo
 
 
+def _least_receive(g: Indexed, heavy: list[int], floors: Sequence[float], budget: float) -> float:
+    """min over ``heavy`` of a max-flow bound, starting from the widest paths (floors).
+
+    Only the candidates whose floor is the smallest get a full flow (>= their
+    floor); the minimum is exact once the smallest value comes from a flow.
+    """
+    queue = [(floors[w], w, False) for w in heavy]
+    heapq.heapify(queue)
+    while queue:
+        value, w, exact = heapq.heappop(queue)
+        if exact or value <= 0:
+            return value
+        nxt = queue[0][0] if queue else math.inf
+        heapq.heappush(queue, (_window_flow(g, w, budget, nxt), w, True))
+    return 0.0
+
+
 def receive_floors(g: Indexed, specs: Sequence[DeviceSpec], upper: float) -> list[float]:
     """Bytes the stage of each node must receive in any assignment with bottleneck <= upper.
 
     0 for nodes whose ancestors could all share their stage; else the widest path
     from the ancestors that cannot (`_window`) to the node. The ILP adds
     ``comm_k >= floor(v) / bandwidth * y[v, k]``: valid, and it cuts off the
-    fractional points where a node spread over stages receives nothing.
+    fractional points where a node spread over stages receives nothing. Floors
+    for a larger ``upper`` stay valid for a smaller one (they only get smaller).
     """
     budget = upper * max(s.speed for s in specs)
     deep = _longest_into(g)

@@ -14,10 +14,11 @@ from partitioner.errors import InfeasiblePlanError
 from partitioner.heuristics import (
     Indexed,
     contiguous_split,
+    fits_memory,
     greedy_split,
     index_graph,
-    fits_memory,
     refine,
+    sources_late,
     split_by_time,
     stage_costs,
 )
@@ -122,11 +123,14 @@ def incumbent(
     than a baseline that fits.
     """
     cands = []
+    late = index_graph(graph, sources_late(graph)) if graph is not None else g
+    at = {v: i for i, v in enumerate(late.names)}
     for policy in POLICIES if graph is not None else ():
         try:
-            found = baseline_stages(graph, g, specs, policy)
+            in_late = baseline_stages(graph, late, specs, policy)  # type: ignore[arg-type]
         except InfeasiblePlanError:
             continue
+        found = [in_late[at[v]] for v in g.names]
         if fits_memory(g, found, specs):
             cands.append(found)
     if len(specs) * level.n**2 <= DP_LIMIT:
@@ -134,9 +138,9 @@ def incumbent(
         level.dp = contiguous_split(inp.time, inp.mem, inp.tensors, specs, bw)
         if level.dp is not None:
             cands.append(level.fine(level.dp))
-    for found in (greedy_split(g, specs, bw), split_by_time(g, specs)):
-        if found is not None:
-            cands.append(found)
+    for more in (greedy_split(g, specs, bw), split_by_time(g, specs)):
+        if more is not None:
+            cands.append(more)
     if not cands:
         return None
     return best_of(g, cands, specs, bw, polish=True)

@@ -3,20 +3,24 @@
 Phases (each logged at debug level):
 
 1. check the input (ValueError) and memory (InfeasiblePlanError, before any ILP);
-2. an incumbent: the best contiguous split of a topological order of the
-   (coarsened) graph by dynamic programming, and a greedy split of the fine
-   order, both improved by local moves of single nodes on the fine graph;
+2. an incumbent: the best contiguous split of a topological order of a coarsened
+   graph by dynamic programming, a greedy split of the fine order, and the four
+   baselines (`partitioner.baselines`), the best two polished by local moves of
+   single nodes; a plan is therefore never worse than a baseline that fits;
 3. lower bounds valid for the fine graph (`partitioner.ilp_bounds`); if the
    incumbent is within ``gap`` of them, stop: the plan is proven;
-4. the ILP (`partitioner.ilp`) warm-started from the incumbent, on the exactly
-   reduced graph when it is small, else on the coarsened graph;
-5. if the ILP ran on the coarse graph and time is left, the exactly reduced fine
-   ILP, warm-started from the best plan, to prove a bound for the fine graph.
+4. the ILP (`partitioner.ilp`) warm-started from the incumbent, with stages
+   fixed outside the windows that any plan as good as the incumbent respects:
+   on the exactly reduced graph (`coarsen.reduce_exact`) when it is small, else
+   on the coarsened graph (`coarsen.coarsen`);
+5. after a coarse ILP, and while time is left, the exactly reduced ILP from the
+   best plan: its bound is valid for the fine graph (a coarse one is not).
 
 Status: ``"optimal"`` when the returned bottleneck is within ``gap`` of a bound
 valid for the *original* graph; ``"feasible"`` otherwise (time limit, or a
 coarse ILP whose optimum proves nothing about the fine graph); ``"heuristic"``
-when no ILP solution came back at all (logged as a warning).
+when no ILP solution came back at all (logged as a warning). Plans are
+deterministic for identical input unless the ILP stops on its time limit.
 """
 
 from __future__ import annotations
@@ -32,15 +36,15 @@ from partitioner import coarsen as _coarsen
 from partitioner.cost import (
     DEFAULT_BANDWIDTH,
     Bandwidth,
-    DeviceSpec,
     DevicesLike,
+    DeviceSpec,
     check_bandwidth,
     normalize_devices,
     validate_graph,
 )
 from partitioner.errors import InfeasiblePlanError
-from partitioner.heuristics import Indexed, index_graph
-from partitioner.ilp import available_solvers, solve_ilp
+from partitioner.heuristics import Indexed, contiguous_split, index_graph
+from partitioner.ilp import available_solvers, solve_ilp, stage_windows
 from partitioner.ilp_bounds import fine_lower_bound, receive_floors
 from partitioner.ilp_stages import (
     DP_LIMIT,
@@ -60,8 +64,8 @@ log = logging.getLogger(__name__)
 
 #: the exactly reduced graph goes to the ILP as it is when groups x stages stays under this
 FINE_LIMIT = 1500
-#: the proving fine ILP is tried when groups x stages stays under this
-PROVE_LIMIT = 12000
+#: the proving fine ILP is tried when its free binaries (inside the stage windows) stay under this
+PROVE_LIMIT = 20000
 #: share of the remaining time the coarse ILP may use (the rest goes to the proof)
 ILP_SHARE = 0.5
 
@@ -137,17 +141,17 @@ def _throughput(
             dp = level
     best = incumbent(dp, g, specs, bw, graph)
     if level is not dp and len(specs) * level.n**2 <= DP_LIMIT:
-        incumbent(level, g, specs, bw)  # its DP split is the ILP's fallback start
+        inp = level.inp  # its DP split is the ILP's fallback start
+        level.dp = contiguous_split(inp.time, inp.mem, inp.tensors, specs, bw)
     upper = score(g, best, specs, bw)[0] if best is not None else None
-    bound = fine_lower_bound(graph, g, specs, bw, upper)
-    if best is not None:
-        if _proven(g, best, specs, bw, bound, gap):
-            meta["ilp"] = "skipped: the incumbent is within the gap of the lower bound"
-            return _finish(graph, g, best, specs, bound, "optimal", solver, t0, meta, kw)
     floors = receive_floors(g, specs, upper) if upper is not None else None
+    bound = fine_lower_bound(graph, g, specs, bw, upper, floors)
+    if best is not None and _proven(g, best, specs, bw, bound, gap):
+        meta["ilp"] = "skipped: the incumbent is within the gap of the lower bound"
+        return _finish(graph, g, best, specs, bound, "optimal", solver, t0, meta, kw)
     left = time_limit - (time.perf_counter() - t0)
-    res = solve_ilp(
-        level.with_floors(floors) if floors else level.inp,
+    res = solve_ilp(  # floors only where the ILP proves: the coarse one searches
+        level.with_floors(floors) if floors and small else level.inp,
         specs,
         bw,
         solver=solver,
@@ -167,12 +171,17 @@ def _throughput(
     best = best_of(g, [s for s in (best, got) if s is not None], specs, bw, polish=not small)
     if upper is None or score(g, best, specs, bw)[0] < upper:
         upper = score(g, best, specs, bw)[0]
-        bound = max(bound, fine_lower_bound(graph, g, specs, bw, upper))
-    left = time_limit - (time.perf_counter() - t0)
+        if floors is None or time_limit - (time.perf_counter() - t0) > 0.3 * time_limit:
+            floors = receive_floors(g, specs, upper)  # else the old ones: valid, looser
+            bound = max(bound, fine_lower_bound(graph, g, specs, bw, upper, floors))
+    left = 0.85 * (time_limit - (time.perf_counter() - t0)) - 0.3  # HiGHS overshoots a bit
     if not small and not _proven(g, best, specs, bw, bound, gap) and left > 0.5:
-        if exact.n * len(specs) <= PROVE_LIMIT:
+        lo, hi = stage_windows(exact.inp, specs, upper)
+        if sum(b - a for a, b in zip(lo, hi, strict=True)) <= PROVE_LIMIT:
             t1 = time.perf_counter()
-            bound, best = _prove(exact, g, specs, bw, solver, left, gap, upper, bound, best)
+            bound, best = _prove(
+                exact, g, specs, bw, solver, left, gap, upper, floors, bound, best
+            )
             meta["ilp"] += f", fine {time.perf_counter() - t1:.2f}s"
     if res.stage is None:
         log.warning("solve: the ILP returned no solution; using the best heuristic plan")
@@ -190,6 +199,7 @@ def _prove(
     left: float,
     gap: float,
     upper: float,
+    floors: Sequence[float] | None,
     bound: float,
     best: list[int],
 ) -> tuple[float, list[int]]:
@@ -200,7 +210,7 @@ def _prove(
     HiGHS: without an incumbent it prunes less.)
     """
     proof = solve_ilp(
-        exact.with_floors(receive_floors(g, specs, upper)),
+        exact.with_floors(floors) if floors else exact.inp,
         specs,
         bw,
         solver=solver,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import networkx as nx
@@ -9,11 +10,12 @@ import pytest
 from strategies import transformer_graph
 
 from partitioner import DeviceSpec, InfeasiblePlanError, evaluate
-from partitioner import solve as solve_module
 from partitioner.baselines import POLICIES, baseline
 from partitioner.ilp import IlpResult, available_solvers, solve_ilp
 from partitioner.ilp_balanced import balanced
 from partitioner.solve import solve
+
+solve_module = importlib.import_module("partitioner.solve")
 
 
 def chain(times: list[float], out: int = 10, mem: int = 0) -> nx.DiGraph:
@@ -189,8 +191,9 @@ def test_warm_start_is_used_under_a_tiny_time_limit() -> None:
     g = transformer_graph(3, hidden=64, seq=8, vocab=100, rate=1e9)
     level = level_of(identity(g), index_graph(g))
     start = [min(i * 4 // level.n, 3) for i in range(level.n)]
-    res = solve_ilp(level.inp, [DeviceSpec(f"d{k}") for k in range(4)], 1e9, start=start,
-                    time_limit=0.01)
+    res = solve_ilp(
+        level.inp, [DeviceSpec(f"d{k}") for k in range(4)], 1e9, start=start, time_limit=0.01
+    )
     assert res.stage is not None
 
 
