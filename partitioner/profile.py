@@ -15,6 +15,10 @@ stage's memory is ``sum(param_bytes + act_bytes)`` over its nodes:
   micro-batch's saved tensors until its backward, i.e. the full batch's.
 
 ``training`` defaults to the mode the model was traced in (``model.training``).
+
+``out_bytes`` of a ``get_attr`` node (a parameter, buffer or constant) is 0: `split`
+re-creates the attribute in every stage that reads it rather than sending it, so it
+costs memory on each such device, never bandwidth (see [Note: weights do not travel]).
 """
 
 from __future__ import annotations
@@ -223,7 +227,10 @@ def _cost_graph(
             if id(t) not in counted:
                 counted.add(id(t))
                 param_bytes += nbytes(t)
-        out_bytes = found.out_bytes.get(n.name, 0)
+        # [Note: weights do not travel] split re-creates a get_attr in every stage that
+        # reads it, so a weight is placed once per device, never streamed per micro-batch:
+        # its bytes are param_bytes, and its out_bytes (what a stage would receive) are 0.
+        out_bytes = 0 if n.op == "get_attr" else found.out_bytes.get(n.name, 0)
         flops = int(found.flops.get(n.name, 0))
         if cost == "time":
             time = float(found.seconds.get(n.name, 0.0))
