@@ -11,38 +11,21 @@ import sys
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from models import MyModel  # noqa: E402
 
 from partitioner import ModelSplitter  # noqa: E402
+from partitioner.render import stage_table, summary  # noqa: E402
 
 
 def show_plan(splitter: ModelSplitter, console: Console) -> None:
     plan = splitter.plan
     assert plan is not None
-    table = Table(title=f"{plan.model}: {plan.num_stages} stages, {plan.solver} ({plan.status})")
-    for col in ("stage", "device", "nodes", "first", "last", "compute ms", "in KB", "params KB"):
-        table.add_column(col, justify="right" if col not in ("first", "last", "device") else "left")
-    for j, s in enumerate(plan.stages):
-        table.add_row(
-            str(j),
-            s.device,
-            str(s.nodes),
-            str(s.first),
-            str(s.last),
-            f"{1e3 * s.time:.3f}",
-            f"{s.in_bytes / 1e3:.1f}",
-            f"{s.param_bytes / 1e3:.1f}",
-        )
-    console.print(table)
-    console.print(
-        f"bottleneck {1e3 * plan.bottleneck:.3f} ms per micro-batch, lower bound "
-        f"{1e3 * plan.lower_bound:.3f} ms, gap {100 * plan.gap:.2f}%, "
-        f"solved in {plan.solve_time:.2f}s, {plan.chunks} micro-batches"
-    )
+    console.print(stage_table(plan, title=f"{plan.model} on {plan.num_stages} stages"))
+    for key, value in summary(plan):
+        console.print(f"{key:>13}  {value}")
 
 
 def main() -> int:
@@ -59,7 +42,7 @@ def main() -> int:
     with torch.no_grad():
         expected = model(input_data)
     err = (output - expected).abs().max().item()
-    console.print(f"batch 100: output {tuple(output.shape)}, max abs err vs unsplit model {err:.2e}")
+    console.print(f"batch 100: output {tuple(output.shape)}, max abs err vs unsplit {err:.2e}")
 
     # Another batch size reuses the plan; micro-batches may be uneven.
     x37 = torch.randn(37, 64)
@@ -67,7 +50,8 @@ def main() -> int:
     console.print(f"batch 37: max abs err vs unsplit model {err37:.2e}")
 
     ok = err < 1e-5 and err37 < 1e-5
-    console.print("[green]OK: split output equals the unsplit model[/]" if ok else "[red]MISMATCH[/]")
+    verdict = "[green]OK: split output equals the unsplit model[/]" if ok else "[red]MISMATCH[/]"
+    console.print(verdict)
     return 0 if ok else 1
 
 

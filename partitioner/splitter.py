@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,7 +166,8 @@ def _trace_profile_solve(
     )
     _share_tensors(gm, model)
     t1 = time.perf_counter()
-    graph = profile(gm, tuple(args), dict(kwargs), chunks=chunks, cost=opts.cost)
+    with _stage_threads(specs):
+        graph = profile(gm, tuple(args), dict(kwargs), chunks=chunks, cost=opts.cost)
     t2 = time.perf_counter()
     if plan is not None:
         plan.validate(graph.nodes, graph)
@@ -193,6 +196,24 @@ def _trace_profile_solve(
         100 * plan.gap,
     )
     return gm, graph, plan
+
+
+@contextlib.contextmanager
+def _stage_threads(specs: Sequence[DeviceSpec]) -> Iterator[None]:
+    """Profile with the intra-op threads a CPU stage worker will have.
+
+    Each CPU worker runs with max(1, cores // CPU stages) threads (see
+    runtime.worker.stage_threads); timing nodes with all cores would measure a speed
+    no stage sees, and on a busy machine idle OpenMP threads inflate small ops.
+    """
+    cpu_stages = sum(torch_device(s.name).type == "cpu" for s in specs)
+    before = torch.get_num_threads()
+    if cpu_stages:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_stages))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _share_tensors(gm: torch.fx.GraphModule, model: nn.Module) -> None:
