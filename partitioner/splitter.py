@@ -164,7 +164,7 @@ def _trace_profile_solve(
     gm = trace(
         model, tuple(args), dict(kwargs), leaf_modules=opts.leaf_modules, mode=opts.trace_mode
     )
-    _share_tensors(gm, model)
+    share_tensors(gm, model)
     t1 = time.perf_counter()
     with _stage_threads(specs):
         graph = profile(gm, tuple(args), dict(kwargs), chunks=chunks, cost=opts.cost)
@@ -216,7 +216,7 @@ def _stage_threads(specs: Sequence[DeviceSpec]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _share_tensors(gm: torch.fx.GraphModule, model: nn.Module) -> None:
+def share_tensors(gm: torch.fx.GraphModule, model: nn.Module) -> None:
     """Make the traced module hold the model's own Parameter and buffer objects.
 
     torch.export may hand back new tensor objects; sharing the originals means an

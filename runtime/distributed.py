@@ -9,11 +9,15 @@ passed through the stages between, see [Note: relay]) and handed to
 The first rank feeds the inputs, the last rank gets the output (and computes
 the loss when training); the ranks in between take and return nothing.
 
-Shapes are learnt by the engine from the first call (its dynamic metadata
-inference): every later call must use the same batch shape, and the batch must
-split into ``chunks`` equal micro-batches. Weights used by several stages (tied
-embeddings) live on each of their ranks; `DistributedPipeline.train_step` sums
-their gradients across ranks, so every copy takes the same optimizer step.
+Shapes are static: `runtime.relay.dry_run` runs the first micro-batch of the
+example through all stages once, and what crosses each boundary is given to
+``PipelineStage`` as ``input_args``/``output_args`` (the engine's own inference
+would run stages on uninitialised receive buffers). Every call must use the
+example's batch shape, split into ``chunks`` equal micro-batches.
+
+Weights used by several stages (tied embeddings) live on each of their ranks;
+`DistributedPipeline.train_step` sums their gradients across those ranks, so
+every copy takes the same optimizer step.
 
 Run the module itself under torchrun for the command line; see
 `runtime.distributed_cli`.
@@ -56,11 +60,11 @@ def split_for_ranks(
     weight can be found by identity and the model's names map onto the stages.
     """
     from partitioner.split import split
-    from partitioner.splitter import _share_tensors
+    from partitioner.splitter import share_tensors
     from partitioner.trace import trace
 
     gm = trace(model, tuple(args), dict(kwargs or {}))
-    _share_tensors(gm, model)
+    share_tensors(gm, model)
     return split(gm, plan)
 
 
@@ -221,7 +225,7 @@ class DistributedPipeline:
         """Sum the gradients of weights shared with other stages (a collective: every
         rank calls it, in the same order, whether or not it holds the weight)."""
         for param, ranks in self.tied:
-            if self.rank in ranks and param is not None and param.grad is not None:
+            if self.rank in ranks and param.grad is not None:
                 grad = param.grad
             else:
                 grad = torch.zeros(param.shape, dtype=param.dtype, device=self.device)

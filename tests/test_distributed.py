@@ -27,6 +27,11 @@ from partitioner.trace import trace
 from runtime.interface import stage_io
 from runtime.relay import boundaries, relay
 
+needs_gloo = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with gloo",
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
 LAUNCH_TIMEOUT = 120
@@ -156,6 +161,7 @@ def one_rank() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+@needs_gloo
 def test_world_size_must_equal_the_number_of_stages(one_rank: None) -> None:
     from runtime.distributed import DistributedPipeline
 
@@ -164,6 +170,7 @@ def test_world_size_must_equal_the_number_of_stages(one_rank: None) -> None:
         DistributedPipeline(stages, ((x,), {}), chunks=4)
 
 
+@needs_gloo
 def test_one_rank_pipeline_runs_forward_and_rejects_uneven_micro_batches(one_rank: None) -> None:
     from runtime.distributed import DistributedPipeline
 
@@ -233,6 +240,7 @@ def _errs(out: str) -> list[float]:
 
 
 @pytest.mark.slow
+@needs_gloo
 def test_three_ranks_skip_connection_forward_and_training_gradients(tmp_path: Path) -> None:
     model, x, _ = _skip_split()
     gm = trace(model, (x,), mode="fx")
@@ -267,6 +275,7 @@ def gpt_tiny() -> nn.Module:
 
 
 @pytest.mark.slow
+@needs_gloo
 def test_two_ranks_gpipe_tied_weights_train_like_the_unsplit_model(tmp_path: Path) -> None:
     """GPT's LM head is tied to the token embedding: the two ranks hold one copy each and
     their gradients are summed, so each equals the unsplit model's."""
@@ -299,6 +308,7 @@ def test_two_ranks_gpipe_tied_weights_train_like_the_unsplit_model(tmp_path: Pat
 
 
 @pytest.mark.slow
+@needs_gloo
 def test_a_failing_rank_fails_the_launch_without_hanging(tmp_path: Path) -> None:
     model, x, _ = _skip_split()
     gm = trace(model, (x,), mode="fx")
