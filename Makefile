@@ -35,6 +35,8 @@ test: lint
 bench: setup
 	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/runtime.py
+	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
