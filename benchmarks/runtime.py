@@ -1,14 +1,15 @@
 """Runtime benchmark: a 2-stage CPU pipeline against the same micro-batches on one thread.
 
-    .venv/bin/python benchmarks/runtime.py            # ~1 minute on 2 cores
+    .venv/bin/python benchmarks/runtime.py            # ~10 s on 2 idle cores
 
 An 8-layer, 1024-wide MLP (batch 512, 8 micro-batches) is split 4 + 4 layers over two
 "cpu" stages; each stage's worker gets max(1, cores // 2) intra-op threads. The baseline
 runs the same 8 micro-batches one after another on one thread (`torch.set_num_threads(1)`).
 Rounds alternate baseline and pipeline so both see the same machine load; the reported
-speed-up is the median over rounds of (baseline time / pipeline time) of the same round. GPipe's fill and drain bound it by 2m / (m + 1) =
-1.78x for m = 8 on two stages. The unsplit model on all cores is printed for honesty, and
-the per-hop overhead is timed with trivial (identity) stages.
+speed-up is the median over rounds of (baseline time / pipeline time) of the same round.
+GPipe's fill and drain bound it by 2m / (m + 1) = 1.78x for m = 8 on two stages. Run it on
+an idle machine: two stages need two free cores. The unsplit model on all cores is printed
+for honesty, and the per-hop overhead is timed with trivial (identity) stages.
 """
 
 from __future__ import annotations
@@ -55,16 +56,24 @@ def hop_overhead(n: int, m: int, rounds: int) -> float:
     return min(timed(lambda: pipe(x)) for _ in range(rounds)) / (m * n)
 
 
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
+    load_before = _load()
     torch.manual_seed(0)
     model = mlp(args.width, args.layers).eval()
     half = len(model) // 2
@@ -99,12 +108,17 @@ def main() -> None:
     ]
     print(
         f"MLP {args.layers}x{args.width}, batch {args.batch}, {args.chunks} micro-batches, "
-        f"{cores} cores, torch {torch.__version__}, median of {args.rounds} rounds"
+        f"{cores} cores, torch {torch.__version__}, median of {args.rounds} rounds "
+        f"(load average before: {load_before})"
     )
     print(f"{'run':<48} {'ms':>8} {'speed-up':>9}")
-    for name, seconds, speedup in rows:
-        print(f"{name:<48} {seconds * 1e3:>8.1f} {speedup:>8.2f}x")
-    print(f"pipeline speed-up {speedup:.2f}x (GPipe bound {bound:.2f}x, target 1.60x)")
+    for name, seconds, ratio in rows:
+        print(f"{name:<48} {seconds * 1e3:>8.1f} {ratio:>8.2f}x")
+    best = max(s / p for s, p in zip(serial, piped, strict=True))
+    print(
+        f"pipeline speed-up {speedup:.2f}x, best round {best:.2f}x "
+        f"(GPipe bound {bound:.2f}x, target 1.60x); load average {_load()}"
+    )
     print(f"per-hop overhead, identity stages, 64 micro-batches: {hop2 * 1e6:.1f} us (2 stages),")
     print(f"                                                     {hop4 * 1e6:.1f} us (4 stages)")
 

@@ -184,7 +184,7 @@ def stage_threads(
     caller's thread keeps its count: thread-local in effect. But torch also stores k as its
     process-wide default, which a thread that has not yet run a parallel op adopts on its
     first one (a fresh thread reads k). So each worker sets its own count, and
-    `Pipeline.forward` calls `torch.set_num_threads` with the caller's count once the
+    `Pipeline.run` calls `torch.set_num_threads` with the caller's count once the
     workers are joined, which restores that default.
     """
     if threads is not None and not isinstance(threads, int):

@@ -218,10 +218,8 @@ def test_stageio_must_be_in_order_and_complete() -> None:
 
 
 def test_real_split_if_available() -> None:
-    split_mod = pytest.importorskip("partitioner.split")
-    from partitioner.profile import profile
-    from partitioner.solve import solve
-    from partitioner.trace import trace
+    pytest.importorskip("partitioner.split")
+    from partitioner import profile, solve, split, trace
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -235,7 +233,7 @@ def test_real_split_if_available() -> None:
     model, x = Net(), torch.randn(12, 8)
     gm = trace(model, (x,))
     plan = solve(profile(gm, (x,)), devices=3)
-    stages = split_mod.split(gm, plan)
+    stages = split(gm, plan)
     pipe = Pipeline(stages, plan.devices, chunks=4)  # abstract "dev:k" names: CPU workers
     for batch in (x, torch.randn(5, 8)):
         out, want = pipe(batch), model(batch)
