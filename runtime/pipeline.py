@@ -21,7 +21,15 @@ from runtime.route import route_for
 from runtime.schedule import clock_cycles
 from runtime.stream import Event, as_device, new_stream, record_event
 from runtime.transfer import Transfer
-from runtime.worker import InQueue, OutQueue, Task, TaskHook, WorkerSpec, spawn_workers
+from runtime.worker import (
+    InQueue,
+    OutQueue,
+    Task,
+    TaskHook,
+    WorkerSpec,
+    cycle_threads,
+    spawn_workers,
+)
 from runtime.worker import stage_threads as _stage_threads
 
 __all__ = ["Pipeline", "RunRecord"]
@@ -132,6 +140,7 @@ class Pipeline(nn.Module):
         self._stops = checkpoint_stops(checkpoint, len(stages))
         self._route = route_for(stages)
         self._free = self._route.free_after()
+        self.threads_option = threads
         self._threads = _stage_threads(self.devices, _cores(), threads)
         # Streams are made once, here, and reused by every call.
         self._streams = [new_stream(d) for d in self.devices]
@@ -193,6 +202,12 @@ class _Run:
         self.envs = envs
         self.record = record
         self.m, self.n = len(envs), len(pipe.stages)
+        # Fill and drain tasks borrow the cores of idle CPU stages ([Note: borrowed cores]),
+        # unless the caller fixed the threads.
+        self.threads: list[list[int | None]] | None = None
+        if pipe.threads_option is None:
+            is_cpu = [d.type == "cpu" for d in pipe.devices]
+            self.threads = cycle_threads(is_cpu, self.m, _cores())
         self.events: list[list[Event]] = [[None] * self.n for _ in envs]
         self.done: set[tuple[int, int]] = set()
         self.producer = self.route.producer
@@ -231,7 +246,7 @@ class _Run:
             outputs = run(*values) if keep else checkpointed(run, *values)
             return outputs, record_event(stream)
 
-        return Task(i, j, compute)
+        return Task(i, j, compute, None if self.threads is None else self.threads[i][j])
 
     def wait_for(self, i: int, j: int) -> None:
         while (i, j) not in self.done:

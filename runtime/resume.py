@@ -254,7 +254,7 @@ def move_off(pipe: Any, failure: Failure) -> Any:
         chunks=pipe.chunks,
         checkpoint=pipe.checkpoint,
         reducer=pipe.reducer,
-        threads=list(pipe._threads),
+        threads=pipe.threads_option,
         on_failure=pipe.on_failure,
         replan=pipe.replan,
         stage_timeout=pipe.stage_timeout,

@@ -21,6 +21,7 @@ __all__ = [
     "Task",
     "TaskHook",
     "WorkerSpec",
+    "cycle_threads",
     "spawn_workers",
     "stage_threads",
     "worker",
@@ -39,6 +40,8 @@ class Task:
     i: int
     j: int
     compute: Callable[[], Any]
+    #: intra-op threads for this task (None: keep the worker's count); see cycle_threads
+    threads: int | None = None
 
 
 # A result is (ok, (task, payload)): the task's output when ok, else the exception it raised,
@@ -102,8 +105,9 @@ def worker(
     Device, stream, grad mode and intra-op threads are all thread-local in torch, so the
     worker sets them itself. Once ``stop`` is set, queued tasks are skipped, not run.
     """
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
+    current = spec.threads
+    if current is not None:
+        torch.set_num_threads(current)
     with ExitStack() as stack:
         stack.enter_context(use_device(spec.device))
         stack.enter_context(use_stream(spec.stream))
@@ -116,6 +120,9 @@ def worker(
                 out_queue.put((False, (task, None)))
                 continue
             try:
+                if task.threads is not None and task.threads != current:
+                    current = task.threads
+                    torch.set_num_threads(current)
                 if hook is not None:
                     hook(task.i, task.j)
                 output = task.compute()
@@ -199,3 +206,26 @@ def stage_threads(
     if per_stage < 1:
         raise ValueError(f"threads must be a positive integer ({per_stage} < 1)")
     return [per_stage if d.type == "cpu" else None for d in devices]
+
+
+def cycle_threads(is_cpu: Sequence[bool], m: int, cores: int) -> list[list[int | None]]:
+    """Intra-op threads of task (i, j), as ``table[i][j]``: the cores shared by the CPU
+    stages busy in its clock cycle.
+
+    [Note: borrowed cores]
+    In clock cycle c = i + j only the stages j with 0 <= c - j < m have work. During the
+    fill and the drain some CPU stages idle, so the task that runs then borrows their
+    cores: with 2 stages on 2 cores, micro-batch 0 on stage 0 and the last micro-batch on
+    stage 1 run on 2 threads, every other task on 1. The count follows from the schedule
+    alone, so two tasks of one cycle never both take the cores. Stages off the CPU get None.
+    """
+    n = len(is_cpu)
+    table: list[list[int | None]] = []
+    for i in range(m):
+        row: list[int | None] = []
+        for j in range(n):
+            c = i + j
+            busy = sum(1 for k in range(n) if is_cpu[k] and 0 <= c - k < m)
+            row.append(max(1, cores // max(1, busy)) if is_cpu[j] else None)
+        table.append(row)
+    return table

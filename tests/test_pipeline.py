@@ -364,8 +364,15 @@ def test_cpu_stages_share_the_cores_and_the_default_is_restored() -> None:
     cores = len(os.sched_getaffinity(0))
     a, b = Threads(), Threads()
     before = torch.get_num_threads()
-    Pipeline([a, b], ["cpu", "cpu"], chunks=2)(torch.randn(2, 1))
-    assert a.seen == b.seen == [max(1, cores // 2)] * 2
+    Pipeline([a, b], ["cpu", "cpu"], chunks=3)(torch.randn(3, 1))
+    # In steady state two CPU stages share the cores; micro-batch 0 on stage 0 (the fill)
+    # and the last on stage 1 (the drain) run alone and borrow the idle stage's cores.
+    half = max(1, cores // 2)
+    assert a.seen == [cores, half, half]
+    assert b.seen == [half, half, cores]
+    d, e = Threads(), Threads()
+    Pipeline([d, e], ["cpu", "cpu"], chunks=3, threads=1)(torch.randn(3, 1))
+    assert d.seen == e.seen == [1, 1, 1]  # a fixed count is kept
     fresh: list[int] = []
     thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
     thread.start()

@@ -114,3 +114,30 @@ def test_stage_threads_rule() -> None:
         stage_threads([CPU, CPU], 16, [1])
     with pytest.raises(ValueError, match="positive integer"):
         stage_threads([CPU], 16, 0)
+
+
+def test_cycle_threads_lend_idle_cores_in_fill_and_drain() -> None:
+    from runtime.worker import cycle_threads
+
+    # 2 CPU stages on 2 cores, 4 micro-batches: only (0, 0) and (3, 1) run alone.
+    table = cycle_threads([True, True], 4, 2)
+    assert table == [[2, 1], [1, 1], [1, 1], [1, 2]]
+    # Never more threads in one cycle than cores: sum over the tasks of each cycle.
+    for m, n, cores in [(8, 2, 2), (5, 3, 8), (2, 4, 4), (1, 3, 2)]:
+        table = cycle_threads([True] * n, m, cores)
+        for c in range(m + n - 1):
+            used = sum(table[i][c - i] or 0 for i in range(m) if 0 <= c - i < n)
+            assert used <= max(cores, n), (m, n, cores, c)
+    # A GPU stage is not counted and keeps torch's default.
+    assert cycle_threads([True, False], 2, 4) == [[4, None], [4, None]]
+
+
+def test_worker_applies_a_tasks_thread_count() -> None:
+    main = torch.get_num_threads()
+    spec = WorkerSpec(torch.device("cpu"), CPUStream, 1)
+    with spawn_workers([spec]) as (in_queues, out_queue, _):
+        in_queues[0].put(Task(0, 0, torch.get_num_threads, threads=2))
+        in_queues[0].put(Task(1, 0, torch.get_num_threads))
+        seen = [out_queue.get()[1][1] for _ in range(2)]
+    torch.set_num_threads(main)
+    assert seen == [2, 2]  # a task without a count keeps the worker's current one
