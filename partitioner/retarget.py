@@ -77,3 +77,47 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     copied.output(result)
     copied._codegen = graph._codegen
     return copied
+
+
+def read_through_copy(
+    stage: torch.fx.GraphModule, names: set[str], device: DeviceLike
+) -> torch.fx.GraphModule:
+    """Make ``stage`` read the weights ``names`` through a copy on ``device``.
+
+    [Note: tied weights across devices]
+    A weight shared by stages on two devices (GPT-2's embedding and LM head) stays on the
+    device of the first stage that reads it. A later stage on another device reads it as
+    ``weight.to(device)``, inserted after its ``get_attr``: the copy runs on that stage's
+    stream every micro-batch, and autograd sends its gradient back through the copy, so
+    the one Parameter gets the sum of both uses' gradients, as in the unsplit model, and an
+    optimizer step updates the only copy there is. A weight a ``call_module`` node owns
+    (an fx-traced ``nn.Linear`` whose weight is tied) cannot be rewritten this way.
+    """
+    target = torch.device(device)
+    for node in stage.graph.nodes:
+        if node.op == "call_module":
+            owned = {
+                f"{node.target}.{n}"
+                for n, _ in stage.get_submodule(node.target).named_parameters()
+            }
+            shared = owned & names
+            if shared:
+                raise NotImplementedError(
+                    f"weight {sorted(shared)[0]!r} is tied across devices inside module "
+                    f"{node.target!r}; trace with mode='export' (ties become get_attr reads "
+                    f"that can be copied) or put both stages on one device"
+                )
+    copies = 0
+    for node in list(stage.graph.nodes):
+        if node.op != "get_attr" or node.target not in names:
+            continue
+        with stage.graph.inserting_after(node):
+            copy = stage.graph.call_method("to", (node, target))
+        node.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)
+        copies += 1
+    if copies:
+        stage.recompile()
+    log.debug(
+        "%s reads %s tied weight(s) through a copy to %s", type(stage).__name__, copies, target
+    )
+    return stage

@@ -16,7 +16,7 @@ from torch import nn
 from partitioner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec, parse_bytes
 from partitioner.plan import Plan
 from partitioner.recovery import HostCopy, StateDictSource, survivors, timed_replan
-from partitioner.retarget import retarget
+from partitioner.retarget import read_through_copy, retarget
 
 __all__ = ["ModelSplitter", "auto_partition", "resolve_devices"]
 
@@ -248,15 +248,24 @@ def place(stages: Sequence[nn.Module], devices: Sequence[str]) -> None:
     owner: dict[int, int] = {}
     for j, (stage, name) in enumerate(zip(stages, devices, strict=True)):
         dev = torch_device(name)
-        for tensor in list(stage.parameters()) + list(stage.buffers()):
+        tied: set[str] = set()
+        named: list[tuple[str, torch.Tensor]] = list(
+            stage.named_parameters(remove_duplicate=False)
+        )
+        named += list(stage.named_buffers(remove_duplicate=False))
+        for qualname, tensor in named:
             first = owner.setdefault(id(tensor), j)
             if first != j and torch_device(devices[first]) != dev:
-                raise NotImplementedError(
-                    f"a weight shared by stages {first} and {j} cannot live on both "
-                    f"{devices[first]} and {name}; put both stages on one device or untie it"
-                )
-            if tensor.device != dev:
+                tied.add(qualname)  # stays with stage `first`; read through a copy here
+            elif tensor.device != dev:
                 tensor.data = tensor.data.to(dev)
+        if tied:
+            if not isinstance(stage, torch.fx.GraphModule):
+                raise NotImplementedError(
+                    f"stage {j} shares weights {sorted(tied)} with a stage on another "
+                    f"device; put both stages on one device or untie them"
+                )
+            read_through_copy(stage, tied, dev)  # [Note: tied weights across devices]
         if dev.type != "cpu" and isinstance(stage, torch.fx.GraphModule):
             retarget(stage, dev)  # torch.export burns the trace device into factory calls
 

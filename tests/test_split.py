@@ -569,3 +569,51 @@ def test_higher_order_op_bodies_split_and_retarget() -> None:
     assert devices == {torch.device("meta")}
     original = getattr(gm, bodies[0]).graph.nodes
     assert {n.kwargs["device"] for n in original if "device" in n.kwargs} == {torch.device("cpu")}
+
+
+def test_tied_weight_read_through_a_copy_keeps_gradients() -> None:
+    # [Note: tied weights across devices]: the later stage reads the tie as weight.to(dev);
+    # on the CPU the copy is the identity, so outputs and gradients must be unchanged.
+    from partitioner.retarget import read_through_copy
+
+    model = Tied()
+    ids = torch.randint(0, 20, (3, 5))
+    gm = export(model, ids)
+    stages = split(gm, even_plan(gm, 2))
+    (tie,) = shared_tensors(stages)
+    later = stages[tie.stages[1]]
+    read_through_copy(later, {tie.names[1]}, "cpu")
+    copies = [n for n in later.graph.nodes if n.op == "call_method" and n.target == "to"]
+    assert len(copies) == 1 and copies[0].args[0].target == tie.names[1]
+    assert_close(run_stages(stages, ids), model(ids))
+    check_grads(model, gm, stages, ids)
+
+
+def test_tied_weight_inside_a_called_module_cannot_be_copied() -> None:
+    from partitioner.retarget import read_through_copy
+
+    model = Tied()
+    gm = torch.fx.symbolic_trace(model)
+    stages = split(gm, plan_for(gm, {"emb": 0, "mid": 1, "tanh": 1, "linear": 1}))
+    names = {n for n, _ in stages[1].named_parameters() if n.endswith("weight")}
+    with pytest.raises(NotImplementedError, match="mode='export'"):
+        read_through_copy(stages[1], names | {"emb.weight"}, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tied_weight_across_cpu_and_cuda_trains_like_the_unsplit_model() -> None:
+    from partitioner.splitter import place
+
+    model = Tied()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 20, (3, 5))
+    gm = export(model, ids)
+    stages = split(gm, even_plan(gm, 2))
+    place(stages, ["cuda:0", "cpu:1"])
+    from runtime import Pipeline
+
+    out = Pipeline(stages, ["cuda:0", "cpu"], chunks=2)(ids)  # moves activations between
+    assert_close(out.cpu(), reference(ids))
+    out.float().pow(2).mean().backward()
+    reference(ids).float().pow(2).mean().backward()
+    torch.testing.assert_close(model.emb.weight.grad.cpu(), reference.emb.weight.grad)
