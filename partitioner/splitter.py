@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -206,10 +205,13 @@ def _stage_threads(specs: Sequence[DeviceSpec]) -> Iterator[None]:
     runtime.worker.stage_threads); timing nodes with all cores would measure a speed
     no stage sees, and on a busy machine idle OpenMP threads inflate small ops.
     """
-    cpu_stages = sum(torch_device(s.name).type == "cpu" for s in specs)
+    from runtime.worker import available_cores, stage_threads
+
+    counts = stage_threads([torch_device(s.name) for s in specs], available_cores(), None)
+    cpu = [c for c in counts if c is not None]
     before = torch.get_num_threads()
-    if cpu_stages:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_stages))
+    if cpu:
+        torch.set_num_threads(cpu[0])
     try:
         yield
     finally:

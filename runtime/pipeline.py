@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from runtime.worker import (
     Task,
     TaskHook,
     WorkerSpec,
+    available_cores,
     cycle_threads,
     spawn_workers,
 )
@@ -69,13 +69,6 @@ def _device(device: DeviceLike) -> torch.device:
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} needs CUDA, which is not available here")
     return as_device(parsed)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class Pipeline(nn.Module):
@@ -141,7 +134,7 @@ class Pipeline(nn.Module):
         self._route = route_for(stages)
         self._free = self._route.free_after()
         self.threads_option = threads
-        self._threads = _stage_threads(self.devices, _cores(), threads)
+        self._threads = _stage_threads(self.devices, available_cores(), threads)
         # Streams are made once, here, and reused by every call.
         self._streams = [new_stream(d) for d in self.devices]
         self._transfer = Transfer(self.devices, self._streams)
@@ -207,7 +200,7 @@ class _Run:
         self.threads: list[list[int | None]] | None = None
         if pipe.threads_option is None:
             is_cpu = [d.type == "cpu" for d in pipe.devices]
-            self.threads = cycle_threads(is_cpu, self.m, _cores())
+            self.threads = cycle_threads(is_cpu, self.m, available_cores())
         self.events: list[list[Event]] = [[None] * self.n for _ in envs]
         self.done: set[tuple[int, int]] = set()
         self.producer = self.route.producer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -21,6 +22,7 @@ __all__ = [
     "Task",
     "TaskHook",
     "WorkerSpec",
+    "available_cores",
     "cycle_threads",
     "spawn_workers",
     "stage_threads",
@@ -176,6 +178,14 @@ def spawn_workers(
                     "worker %s did not stop within %ss; left behind", thread.name, join_timeout
                 )
         log.debug("joined %s workers", len(threads))
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def stage_threads(
