@@ -333,6 +333,10 @@ class ModelSplitter(nn.Module):
     under their original names, so ``named_parameters()`` and ``state_dict()``
     match the model's and a checkpoint loads into either.
 
+    ``reducer`` ("mean", "sum" or a callable) combines outputs without a batch dimension,
+    such as a Hugging Face loss computed from ``labels``: "mean" weights each micro-batch by
+    its size, so a mean loss equals the full batch's.
+
     ``on_failure="replan"`` survives a lost device mid-call: the plan is solved again on
     the surviving devices from the cached CostGraph, the lost weights come back from
     ``recovery`` ("host-copy": a CPU copy of accelerator-resident weights; "state-dict": the
@@ -364,6 +368,7 @@ class ModelSplitter(nn.Module):
         leaf_modules: Sequence[Any] = (),
         cost: str = "time",
         checkpoint: str = "never",
+        reducer: Any = None,
         on_failure: str = "raise",
         stage_timeout: float | None = None,
         recovery: str = "host-copy",
@@ -409,6 +414,7 @@ class ModelSplitter(nn.Module):
         self.__dict__["_given_plan"] = plan
         self.chunks = chunks if chunks is not None else _default_chunks(len(specs))
         self.checkpoint = checkpoint
+        self.reducer = reducer
         self.on_failure = on_failure
         self.stage_timeout = stage_timeout
         self.recovery = recovery
@@ -525,6 +531,7 @@ class ModelSplitter(nn.Module):
             [torch_device(d) for d in plan.devices],
             chunks=self.chunks,
             checkpoint=self.checkpoint,
+            reducer=self.reducer,
             on_failure=self.on_failure,
             replan=replan,
             stage_timeout=self.stage_timeout,

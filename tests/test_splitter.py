@@ -146,3 +146,32 @@ def test_package_names_stay_functions_after_submodule_imports() -> None:
     from partitioner import trace as fn
 
     assert callable(fn) and fn is trace
+
+
+class WithLoss(torch.nn.Module):
+    """Returns a per-row output and a scalar mean loss, like a Hugging Face model with labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.b(torch.relu(self.a(x)))
+        return {"out": out, "loss": (out - y).pow(2).mean()}
+
+
+def test_scalar_loss_needs_a_reducer_and_mean_matches_the_full_batch() -> None:
+    torch.manual_seed(0)
+    model, reference = WithLoss(), WithLoss()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(10, 8), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="reducer"):
+        ModelSplitter(model, num_devices=2, chunks=3, time_limit=5)(x, y)
+    splitter = ModelSplitter(model, num_devices=2, chunks=3, reducer="mean", time_limit=5)
+    got, want = splitter(x, y), reference(x, y)
+    torch.testing.assert_close(got["loss"], want["loss"])
+    got["loss"].backward()
+    want["loss"].backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
