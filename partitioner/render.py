@@ -223,12 +223,7 @@ def plan_to_dot(plan: Plan, graph: nx.DiGraph | None = None, max_groups: int = M
         boxes[where]["time"] += float(data.get("time", 0.0))
         boxes[where]["param_bytes"] += int(data.get("param_bytes", 0))
     ids = {b: f"g{i}" for i, b in enumerate(sorted(boxes, key=lambda b: (b[1], b[0])))}
-    lines = [
-        f"digraph {_quote(plan.model or 'plan')} {{",
-        "  rankdir=TB;",
-        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
-        '  edge [fontname="Helvetica", fontsize=9, color="#777777"];',
-    ]
+    lines = _dot_header(plan, "TB", 'color="#777777"')
     for j, stage in enumerate(plan.stages):
         lines.append(f"  subgraph cluster_{j} {{")
         label = f"stage {j}: {stage.device}  (cost {fmt_time(stage.cost)})"
@@ -277,13 +272,18 @@ def _dot_edges(
     return lines
 
 
-def _stage_chain_dot(plan: Plan) -> str:
-    lines = [
+def _dot_header(plan: Plan, rankdir: str, edge_colour: str) -> list[str]:
+    """The opening lines both pictures share: graph name, direction, box and edge style."""
+    return [
         f"digraph {_quote(plan.model or 'plan')} {{",
-        "  rankdir=LR;",
+        f"  rankdir={rankdir};",
         '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
-        '  edge [fontname="Helvetica", fontsize=9, color="#d62728", fontcolor="#d62728"];',
+        f'  edge [fontname="Helvetica", fontsize=9, {edge_colour}];',
     ]
+
+
+def _stage_chain_dot(plan: Plan) -> str:
+    lines = _dot_header(plan, "LR", 'color="#d62728", fontcolor="#d62728"')
     for j, s in enumerate(plan.stages):
         text = (
             f"stage {j}: {s.device}\\n{s.nodes} ops: {s.first or '-'} .. {s.last or '-'}"
