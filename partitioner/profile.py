@@ -37,6 +37,7 @@ import torch.utils._pytree as pytree
 
 from partitioner.measure import measure, nbytes, tensor_key
 from partitioner.program import program_of
+from partitioner.verify import batch_size
 
 __all__ = ["COSTS", "DEFAULT_MEM_BANDWIDTH", "DEFAULT_PEAK_FLOPS", "profile"]
 
@@ -120,11 +121,10 @@ def profile(
 
 
 def _micro_batch(args: tuple[Any, ...], kwargs: dict[str, Any], chunks: int) -> tuple[int, int]:
-    for leaf in pytree.tree_leaves((args, kwargs)):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
-            batch = int(leaf.shape[0])
-            return batch, max(1, math.ceil(batch / chunks))
-    return 1, 1
+    batch = batch_size(args, kwargs)
+    if batch is None:
+        return 1, 1
+    return batch, max(1, math.ceil(batch / chunks))
 
 
 def _cut(t: torch.Tensor, batch: int, micro: int) -> torch.Tensor:

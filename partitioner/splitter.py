@@ -16,6 +16,7 @@ from partitioner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec, parse_byt
 from partitioner.plan import Plan
 from partitioner.recovery import HostCopy, StateDictSource, survivors, timed_replan
 from partitioner.retarget import read_through_copy, retarget
+from partitioner.verify import batch_size
 
 __all__ = ["ModelSplitter", "auto_partition", "resolve_devices"]
 
@@ -110,11 +111,14 @@ class _Compiled:
 
 
 def _signature_key(args: Sequence[Any], kwargs: Mapping[str, Any], training: bool) -> Any:
-    """Input structure without the batch size: a new batch size reuses the plan."""
+    """Input structure without the batch size: a new batch size reuses the plan. A size-1
+    tensor that broadcasts beside a larger batch is another structure than a batched one."""
+    batch = batch_size(tuple(args), dict(kwargs))
 
     def leaf(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            return ("T", tuple(x.shape[1:]), str(x.dtype), x.dim())
+            kind = "T1" if x.dim() >= 1 and x.shape[0] == 1 and (batch or 1) > 1 else "T"
+            return (kind, tuple(x.shape[1:]), str(x.dtype), x.dim())
         if isinstance(x, list | tuple):
             return (type(x).__name__, tuple(leaf(v) for v in x))
         if isinstance(x, dict):

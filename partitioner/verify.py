@@ -22,11 +22,15 @@ Kwargs = dict[str, Any]
 
 
 def batch_size(args: Args, kwargs: Kwargs) -> int | None:
-    """Dim 0 of the first tensor with a dim 0 (the batch size of the call), or None."""
-    for leaf in pytree.tree_leaves((args, kwargs)):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
-            return int(leaf.shape[0])
-    return None
+    """The batch size of the call: dim 0 of the first tensor with a dim 0 above 1, else 1
+    when some tensor has a dim 0, else None. Size-1 tensors beside a larger batch broadcast
+    ([Note: micro-batching rules] in `runtime.microbatch`)."""
+    sizes = [
+        int(leaf.shape[0])
+        for leaf in pytree.tree_leaves((args, kwargs))
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1
+    ]
+    return next((size for size in sizes if size > 1), sizes[0] if sizes else None)
 
 
 def sync_state_dict(model: nn.Module, gm: fx.GraphModule) -> None:

@@ -2,8 +2,11 @@
 
 [Note: micro-batching rules]
 - Every tensor leaf of the input pytree with at least one dimension is a batched tensor;
-  all of them must have the same size along dim 0, the batch size B.
-- 0-dim tensors and non-tensor leaves are broadcast: each micro-batch gets the same one.
+  all of them must have the same size along dim 0, the batch size B, except that a tensor
+  whose dim 0 is 1 while B > 1 broadcasts, as torch broadcasting would treat it (a Hugging
+  Face ``position_ids`` or ``attention_mask`` of shape (1, L) beside ``input_ids`` (B, L)).
+- 0-dim tensors, size-1 broadcast tensors and non-tensor leaves go to each micro-batch
+  unchanged.
 - The batch is split along dim 0 into m = min(chunks, B) micro-batches with
   `torch.tensor_split`, whose sizes differ by at most one (views, no copy). A batch with no
   batched tensor is one micro-batch.
@@ -76,8 +79,13 @@ def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
 
 
 def batch_size(tree: Any) -> int | None:
-    """The common dim-0 size of the batched tensors in ``tree``; None if there are none."""
+    """The common dim-0 size of the batched tensors in ``tree``; None if there are none.
+
+    Size-1 tensors beside a larger batch broadcast and do not count (see the rules above).
+    """
     sizes = {int(leaf.shape[0]) for leaf in tree_leaves(tree) if _is_batched(leaf)}
+    if len(sizes) > 1:
+        sizes.discard(1)
     if len(sizes) > 1:
         raise ValueError(
             f"tensors of different batch sizes cannot be split into micro-batches "
@@ -109,12 +117,12 @@ def scatter(tree: Any, chunks: int) -> tuple[list[Any], list[int]]:
     m = min(chunks, size)
     pieces: dict[int, tuple[torch.Tensor, ...]] = {}
     for leaf in tree_leaves(tree):
-        if _is_batched(leaf) and id(leaf) not in pieces:
+        if _is_batched(leaf) and leaf.shape[0] == size and id(leaf) not in pieces:
             pieces[id(leaf)] = torch.tensor_split(leaf, m)
     sizes = [int(piece.shape[0]) for piece in next(iter(pieces.values()))]
 
     def take(i: int) -> Callable[[Any], Any]:
-        return lambda leaf: pieces[id(leaf)][i] if _is_batched(leaf) else leaf
+        return lambda leaf: pieces[id(leaf)][i] if id(leaf) in pieces else leaf
 
     return [tree_map(take(i), tree) for i in range(m)], sizes
 

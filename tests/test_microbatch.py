@@ -36,6 +36,21 @@ def test_scatter_mismatched_batch_sizes_names_them() -> None:
         scatter({"a": torch.zeros(4), "b": torch.zeros(5)}, 2)
 
 
+def test_scatter_broadcasts_size1_tensors_beside_a_larger_batch() -> None:
+    # A Hugging Face position_ids of shape (1, L) beside input_ids (B, L).
+    ids, positions = torch.randint(0, 9, (5, 4)), torch.arange(4).view(1, 4)
+    batches, sizes = scatter({"input_ids": ids, "position_ids": positions}, 2)
+    assert sizes == [3, 2]
+    assert all(b["position_ids"] is positions for b in batches)
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), ids)
+    assert batch_size((positions, ids)) == 5 and batch_size((positions,)) == 1
+
+
+def test_scatter_size1_and_two_other_sizes_is_still_an_error() -> None:
+    with pytest.raises(ValueError, match="different batch sizes"):
+        scatter({"a": torch.zeros(1), "b": torch.zeros(4), "c": torch.zeros(5)}, 2)
+
+
 @pytest.mark.parametrize("chunks", [0, -1, 1.5, True])
 def test_scatter_rejects_bad_chunks(chunks: object) -> None:
     with pytest.raises(ValueError, match="chunks must be a positive integer"):

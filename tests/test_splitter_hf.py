@@ -42,3 +42,23 @@ def test_split_hf_model_matches_outputs_and_gradients(
     plan = splitter.plan
     torch.testing.assert_close(splitter(input_ids=x[:5])[key], reference(input_ids=x[:5])[key])
     assert splitter.plan is plan
+
+
+def test_split_gpt2_with_broadcast_position_ids() -> None:
+    # position_ids of shape (1, L) beside input_ids (B, L) go to every micro-batch whole.
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    x = ids(6)
+    positions = torch.arange(x.shape[1]).unsqueeze(0)
+    splitter = ModelSplitter(model, num_devices=2, chunks=3, time_limit=5)
+    with torch.no_grad():
+        out = splitter(input_ids=x, position_ids=positions)
+        want = model(input_ids=x, position_ids=positions)
+        torch.testing.assert_close(out.logits, want.logits)
+        plan = splitter.plan
+        # Another batch size reuses the plan; a full (B, L) position_ids is another structure.
+        five = splitter(input_ids=x[:5], position_ids=positions)
+        torch.testing.assert_close(five.logits, want.logits[:5])
+        assert splitter.plan is plan
+        full = positions.expand(6, -1).contiguous()
+        torch.testing.assert_close(splitter(input_ids=x, position_ids=full).logits, want.logits)
