@@ -35,6 +35,7 @@ test: lint
 bench: setup
 	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/runtime.py
+	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/distributed.py
 

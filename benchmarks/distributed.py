@@ -6,7 +6,9 @@ Plans one split of ``examples/models.py:mlp`` for 2 stages, then times it two
 ways with one intra-op thread per stage: `runtime.Pipeline` (two worker threads
 in this process) and `runtime.distributed` under torchrun (two gloo processes
 on 127.0.0.1). Prints a Markdown table of samples/s (medians of ``--repeats``
-alternating rounds) and the ratio distributed / threaded, forward and training step.
+alternating rounds) and the ratio distributed / threaded, forward and training step;
+training with both of the threaded runtime's backward modes (autograd on the calling
+thread, and ``backward="pipelined"``: each stage's backward in its own worker).
 """
 
 from __future__ import annotations
@@ -35,13 +37,17 @@ from runtime import Pipeline  # noqa: E402
 from runtime.distributed import split_for_ranks  # noqa: E402
 
 
-def threaded(args: argparse.Namespace, plan: Plan, train: bool) -> float:
+def threaded(
+    args: argparse.Namespace, plan: Plan, train: bool, backward: str = "autograd"
+) -> float:
     """samples/s of runtime.Pipeline over the plan's stages (one thread each)."""
     torch.manual_seed(0)
     model = mlp(width=args.width, depth=args.depth).eval()
     x = torch.randn(args.batch, args.width)
     stages = split_for_ranks(model, (x,), {}, plan)
-    pipe = Pipeline(stages, ["cpu"] * len(stages), chunks=args.chunks, threads=1)
+    pipe = Pipeline(
+        stages, ["cpu"] * len(stages), chunks=args.chunks, threads=1, backward=backward
+    )
     target = torch.randn(args.batch, args.width)
 
     def step() -> None:
@@ -110,17 +116,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plan_path = os.path.join(tmp, "plan.json")
         plan.save(plan_path)
-        for train in (False, True):
+        for train, backward in ((False, "autograd"), (True, "autograd"), (True, "pipelined")):
             # Alternate the two, several rounds, and keep the medians: a shared machine's
             # load drifts between runs.
             rounds = [
-                (threaded(args, plan, train), distributed(args, plan_path, train))
+                (threaded(args, plan, train, backward), distributed(args, plan_path, train))
                 for _ in range(args.repeats)
             ]
             a = statistics.median(r[0] for r in rounds)
             b = statistics.median(r[1] for r in rounds)
             ratios = ", ".join(f"{d / t:.2f}" for t, d in rounds)
-            name = "forward + backward (GPipe)" if train else "forward"
+            name = f"forward + backward (GPipe), backward={backward!r}" if train else "forward"
             print(f"| {name} | {a:.0f} | {b:.0f} | {b / a:.2f} ({ratios}) |", flush=True)
 
 

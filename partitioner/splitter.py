@@ -341,6 +341,10 @@ class ModelSplitter(nn.Module):
     such as a Hugging Face loss computed from ``labels``: "mean" weights each micro-batch by
     its size, so a mean loss equals the full batch's.
 
+    ``backward="pipelined"`` (CPU devices) runs each stage's backward in its own worker,
+    pipelined over micro-batches, instead of autograd's one thread on the CPU
+    ([Note: pipelined backward] in `runtime.backward`).
+
     ``on_failure="replan"`` survives a lost device mid-call: the plan is solved again on
     the surviving devices from the cached CostGraph, the lost weights come back from
     ``recovery`` ("host-copy": a CPU copy of accelerator-resident weights; "state-dict": the
@@ -378,6 +382,7 @@ class ModelSplitter(nn.Module):
         recovery: str = "host-copy",
         state_dict_path: str | None = None,
         plan: Plan | None = None,
+        backward: str = "autograd",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -392,6 +397,13 @@ class ModelSplitter(nn.Module):
             raise ValueError("recovery='state-dict' needs state_dict_path (a torch.save file)")
         if stage_timeout is not None and not stage_timeout > 0:
             raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
+        if backward not in ("autograd", "pipelined"):
+            raise ValueError(f"backward must be 'autograd' or 'pipelined' (got {backward!r})")
+        if backward == "pipelined" and on_failure == "replan":
+            raise ValueError(
+                "backward='pipelined' cannot re-run lost micro-batches (on_failure='replan'): "
+                "use backward='autograd' with it"
+            )
         if plan is not None and devices is None and num_devices is None:
             devices = list(plan.device_specs)
         specs = resolve_devices(num_devices, devices, memory, speed)
@@ -419,6 +431,7 @@ class ModelSplitter(nn.Module):
         self.chunks = chunks if chunks is not None else _default_chunks(len(specs))
         self.checkpoint = checkpoint
         self.reducer = reducer
+        self.backward = backward
         self.on_failure = on_failure
         self.stage_timeout = stage_timeout
         self.recovery = recovery
@@ -538,6 +551,7 @@ class ModelSplitter(nn.Module):
             reducer=self.reducer,
             on_failure=self.on_failure,
             replan=replan,
+            backward=self.backward,
             stage_timeout=self.stage_timeout,
         )
         pipeline.__dict__["device_names"] = list(plan.devices)  # runtime.faults.device_names

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime import backward as _backward
 from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed
 from runtime.errors import StageError
 from runtime.faults import StageTimeout
@@ -89,6 +90,11 @@ class Pipeline(nn.Module):
     micro-batches that did not complete run again on it, and later calls use it.
     ``stage_timeout`` (seconds) turns a worker that sends no result for that long into a
     `runtime.faults.StageTimeout`; its thread is left behind if it never stops.
+
+    ``backward="pipelined"`` (CPU stages only) runs each stage's backward in its own worker,
+    pipelined over micro-batches, when the caller calls ``backward()`` on the output; the
+    default ``"autograd"`` leaves backward to autograd, which on the CPU runs the stages one
+    after another on the calling thread ([Note: pipelined backward] in `runtime.backward`).
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class Pipeline(nn.Module):
         on_failure: str = "raise",
         replan: Replan | None = None,
         stage_timeout: float | None = None,
+        backward: str = "autograd",
     ) -> None:
         super().__init__()
         if len(stages) == 0:
@@ -120,8 +127,24 @@ class Pipeline(nn.Module):
             raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
         if stage_timeout is not None and not stage_timeout > 0:
             raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
+        if backward not in _backward.MODES:
+            raise ValueError(f"backward must be 'autograd' or 'pipelined' (got {backward!r})")
         self.stages = nn.ModuleList(stages)
         self.devices = [_device(d) for d in devices]
+        if backward == "pipelined":
+            others = sorted({str(d) for d in self.devices if d.type != "cpu"})
+            if others:
+                raise ValueError(
+                    f"backward='pipelined' runs on CPU stages only (got {', '.join(others)}); "
+                    f"on GPUs autograd already runs each device's backward on its own thread: "
+                    f"use backward='autograd'"
+                )
+            if on_failure == "replan":
+                raise ValueError(
+                    "backward='pipelined' cannot re-run lost micro-batches "
+                    "(on_failure='replan'): use backward='autograd' with it"
+                )
+        self.backward = backward
         self.chunks = chunks
         self.checkpoint = checkpoint
         self.reducer = reducer
@@ -155,6 +178,7 @@ class Pipeline(nn.Module):
         batches, sizes = scatter(env, self.chunks)
         record = self.last_run = RunRecord(sizes)
         run = _Run(self, [dict(b) for b in batches], record)
+        caller = [dict(b) for b in batches]
         specs = [
             WorkerSpec(d, s, t)
             for d, s, t in zip(self.devices, self._streams, self._threads, strict=True)
@@ -172,7 +196,10 @@ class Pipeline(nn.Module):
             # which new threads pick up: put it back ([Note: intra-op threads]).
             torch.set_num_threads(threads_before)
         pieces = [run.leaves(i, consts=False) for i in range(len(sizes))]
-        leaves = gather(pieces, sizes, self.reducer)
+        if run.graphs is not None:
+            leaves = _backward.attach(self, run.graphs, caller, pieces, sizes)
+        else:
+            leaves = gather(pieces, sizes, self.reducer)
         return self._route.unflatten(_put_consts(leaves, self._route.output_leaves))
 
     def extra_repr(self) -> str:
@@ -206,6 +233,10 @@ class _Run:
         self.producer = self.route.producer
         grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         self.stops = pipe._stops(self.m) if grad else [0] * self.n
+        # Each task's own graph, for the pipelined backward ([Note: pipelined backward]).
+        self.graphs: _backward.StageGraphs | None = None
+        if grad and pipe.backward == "pipelined":
+            self.graphs = _backward.StageGraphs(self.m, self.n)
         for env in envs:
             for name in pipe._free[0]:
                 env.pop(name, None)
@@ -229,6 +260,9 @@ class _Run:
             pipe._transfer.to_stage(env[name], self.producer[name], i, j, self.events)
             for name in names
         ]
+        if self.graphs is not None:
+            values = [_backward.detached(v) for v in values]
+            self.graphs.inputs[i][j] = tuple(values)
         stage, call, stream = pipe.stages[j], self.route.calls[j], pipe._streams[j]
         keep = i >= self.stops[j]
 
@@ -261,6 +295,9 @@ class _Run:
             self.fail(i, j, payload)
             return
         outputs, event = payload
+        if self.graphs is not None:
+            self.graphs.outputs[i][j] = outputs
+            self.graphs.record(i, self.route.stage_outputs[j], outputs)
         env = self.envs[i]
         env.update(zip(self.route.stage_outputs[j], outputs, strict=True))
         self.events[i][j] = event

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-__all__ = ["Schedule", "action", "clock_cycles", "format_schedule"]
+__all__ = ["Schedule", "action", "backward_cycles", "clock_cycles", "format_schedule"]
 
 # One clock cycle: the (i, j) tasks that may run at the same time,
 # i the micro-batch index (0..m-1), j the stage index (0..n-1).
@@ -34,12 +34,30 @@ def clock_cycles(m: int, n: int) -> Iterator[list[tuple[int, int]]]:
         yield [(k - j, j) for j in range(max(0, k - m + 1), min(k + 1, n))]
 
 
-def action(i: int, j: int) -> str:
-    """A task as torch.distributed.pipelining writes an action: stage, F(orward), micro-batch."""
-    return f"{j}F{i}"
+def backward_cycles(m: int, n: int) -> Iterator[list[tuple[int, int]]]:
+    """Yield the clock cycles of the pipelined backward (`runtime.backward`): the forward's
+    with the stages reversed. In cycle k, stage j works on micro-batch k - (n - 1 - j), so
+    task (i, j) follows (i, j + 1) of the cycle before. For m=3, n=2::
+
+        k  (i,j)  (i,j)
+        0  (0,1)
+        1  (1,1)  (0,0)
+        2  (2,1)  (1,0)
+        3         (2,0)
+    """
+    for cycle in clock_cycles(m, n):
+        yield [(i, n - 1 - j) for i, j in cycle]
 
 
-def format_schedule(cycles: Iterable[list[tuple[int, int]]], n: int | None = None) -> str:
+def action(i: int, j: int, phase: str = "F") -> str:
+    """A task as torch.distributed.pipelining writes an action: stage, phase (F(orward) or
+    B(ackward)), micro-batch."""
+    return f"{j}{phase}{i}"
+
+
+def format_schedule(
+    cycles: Iterable[list[tuple[int, int]]], n: int | None = None, phase: str = "F"
+) -> str:
     """Draw a schedule as a step x stage grid, one row per clock cycle.
 
     >>> print(format_schedule(clock_cycles(3, 2)))
@@ -52,7 +70,7 @@ def format_schedule(cycles: Iterable[list[tuple[int, int]]], n: int | None = Non
     rows = [list(cycle) for cycle in cycles]
     if n is None:
         n = 1 + max((j for row in rows for _, j in row), default=-1)
-    width = max(6, *(len(action(i, j)) + 2 for row in rows for i, j in row)) if rows else 6
+    width = max(6, *(len(action(i, j, phase)) + 2 for row in rows for i, j in row)) if rows else 6
     header = "step  " + "".join(f"stage{j}".ljust(width + 2) for j in range(n))
     lines = [header.rstrip()]
     for k, row in enumerate(rows):
@@ -60,9 +78,9 @@ def format_schedule(cycles: Iterable[list[tuple[int, int]]], n: int | None = Non
         for i, j in row:
             if cells[j]:
                 raise ValueError(
-                    f"stage {j} has two tasks in step {k}: {cells[j]}, {action(i, j)}"
+                    f"stage {j} has two tasks in step {k}: {cells[j]}, {action(i, j, phase)}"
                 )
-            cells[j] = action(i, j)
+            cells[j] = action(i, j, phase)
         line = f"{k:>4}  " + "".join(c.ljust(width + 2) for c in cells)
         lines.append(line.rstrip())
     return "\n".join(lines)

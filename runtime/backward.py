@@ -1,0 +1,318 @@
+"""Pipelined backward: each stage's backward runs in its own worker (``backward="pipelined"``).
+
+[Note: pipelined backward]
+With ``backward="autograd"`` the stages form one autograd graph and ``loss.backward()``
+runs it; on the CPU autograd runs every node on the calling thread, so the stages' backward
+run one after another. With ``backward="pipelined"`` (CPU stages only):
+
+- forward: each task reads detached copies of its input tensors (``requires_grad`` kept),
+  so every (micro-batch i, stage j) task builds a graph of its own; the pipeline keeps its
+  inputs and outputs until backward;
+- the gathered output leaves come out of one `autograd.Function` whose inputs are the
+  stages' parameters and the micro-batch slices of the caller's tensors that require grad.
+  Its backward splits the output gradient per micro-batch (through the same gather and
+  reducer, run under autograd), then runs task (i, j)'s backward,
+  ``torch.autograd.grad(outputs, inputs + parameters)``, in stage j's worker thread, in
+  reverse clock cycles (`runtime.schedule.backward_cycles`): stage j works on micro-batch
+  i while stage j + 1 works on micro-batch i + 1. Gradients of a value read by several
+  stages are summed before its producer runs.
+- the Function returns the parameter gradients summed over micro-batches, so both
+  ``loss.backward()`` (``.grad`` accumulates as usual) and ``torch.autograd.grad(loss,
+  params)`` work.
+
+Limits: one backward per forward (a second, as with ``retain_graph=True``, is a
+RuntimeError naming the fix), no double backward (``create_graph``), CPU stages only: on
+CUDA autograd already runs each device's backward on that device's own thread, and a
+worker blocking an autograd device thread could deadlock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from runtime.errors import StageError
+from runtime.microbatch import gather, tree_leaves
+from runtime.schedule import backward_cycles
+from runtime.worker import Task, WorkerSpec, available_cores, cycle_threads, spawn_workers
+
+if TYPE_CHECKING:
+    from runtime.pipeline import Pipeline
+
+__all__ = ["MODES", "StageGraphs", "attach", "detached"]
+
+MODES = ("autograd", "pipelined")
+
+
+def _wants_grad(leaf: Any) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.requires_grad
+
+
+def detached(value: Any) -> Any:
+    """``value`` with each tensor that requires grad replaced by a detached leaf that does."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_() if value.requires_grad else value
+    if not any(_wants_grad(leaf) for leaf in tree_leaves(value)):
+        return value
+    return torch.utils._pytree.tree_map(detached, value)
+
+
+class StageGraphs:
+    """What each forward task keeps for its backward: its detached inputs and its outputs,
+    and where each value's tensor leaves live (``layout[(i, name)]``, None for non-tensors),
+    so a gradient goes back to its producer's device."""
+
+    def __init__(self, m: int, n: int) -> None:
+        self.inputs: list[list[tuple[Any, ...]]] = [[()] * n for _ in range(m)]
+        self.outputs: list[list[tuple[Any, ...]]] = [[()] * n for _ in range(m)]
+        self.layout: dict[tuple[int, str], list[torch.device | None]] = {}
+
+    def record(self, i: int, names: Sequence[str], values: Sequence[Any]) -> None:
+        for name, value in zip(names, values, strict=True):
+            self.layout[(i, name)] = [
+                leaf.device if isinstance(leaf, torch.Tensor) else None
+                for leaf in tree_leaves(value)
+            ]
+
+
+def _stage_parameters(stage: torch.nn.Module) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    params: list[torch.Tensor] = []
+    for p in stage.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
+
+
+def attach(
+    pipe: Pipeline,
+    graphs: StageGraphs,
+    caller: list[dict[str, Any]],
+    pieces: list[list[Any]],
+    sizes: list[int],
+) -> list[Any]:
+    """The gathered output leaves, differentiable through the pipelined backward.
+
+    ``caller[i]`` holds micro-batch i's values from the caller (their slices, attached to
+    the caller's graph), ``pieces[i]`` its output leaves (attached to the last tasks).
+    """
+    ends = [[detached(v) for v in piece] for piece in pieces]
+    with torch.enable_grad():
+        gathered = gather(ends, sizes, pipe.reducer)
+    diff = [k for k, leaf in enumerate(gathered) if _wants_grad(leaf)]
+    if not diff:
+        return [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in gathered]
+    stage_params = [_stage_parameters(stage) for stage in pipe.stages]
+    params: dict[int, torch.Tensor] = {}
+    for group in stage_params:
+        for p in group:
+            params.setdefault(id(p), p)
+    slices = [
+        (i, name, k, leaf)
+        for i, env in enumerate(caller)
+        for name, value in env.items()
+        for k, leaf in enumerate(tree_leaves(value))
+        if _wants_grad(leaf)
+    ]
+    for i, env in enumerate(caller):
+        graphs.record(i, list(env), list(env.values()))
+    state = _State(pipe, graphs, stage_params, list(params.values()), slices, pieces, ends)
+    state.gathered = [gathered[k] for k in diff]
+    outs = _PipelineOutput.apply(state, *params.values(), *(s[3] for s in slices))
+    result = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in gathered]
+    for k, out in zip(diff, outs, strict=True):
+        result[k] = out
+    return result
+
+
+class _PipelineOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, state: _State, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.state = state
+        return tuple(leaf.detach() for leaf in state.gathered)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        state = ctx.state
+        if state is None:
+            raise RuntimeError(
+                "the pipelined backward of this output already ran (each forward allows one "
+                "backward): use backward='autograd' for retain_graph or repeated backward"
+            )
+        ctx.state = None
+        return (None, *state.backward(grads))
+
+
+class _State:
+    def __init__(
+        self,
+        pipe: Pipeline,
+        graphs: StageGraphs,
+        stage_params: list[list[torch.Tensor]],
+        params: list[torch.Tensor],
+        slices: list[tuple[int, str, int, torch.Tensor]],
+        pieces: list[list[Any]],
+        ends: list[list[Any]],
+    ) -> None:
+        self.pipe, self.graphs = pipe, graphs
+        self.stage_params, self.params, self.slices = stage_params, params, slices
+        self.pieces, self.ends = pieces, ends
+        self.gathered: list[torch.Tensor] = []
+        self.m, self.n = len(pieces), len(pipe.stages)
+        # pending[(i, name)]: summed gradients of value ``name`` of micro-batch i, per leaf
+        self.pending: dict[tuple[int, str], list[torch.Tensor | None]] = {}
+        # stage_grads[j][id(p)]: parameter p's gradient summed over stage j's tasks so far
+        self.stage_grads: list[dict[int, torch.Tensor]] = [{} for _ in stage_params]
+        # wrt[(i, j)]: the input leaves task (i, j) differentiates, as (name, leaf index, leaf)
+        self.wrt: dict[tuple[int, int], list[tuple[str, int, torch.Tensor]]] = {}
+
+    def add(self, i: int, name: str, grads: Sequence[torch.Tensor | None]) -> None:
+        have = self.pending.get((i, name))
+        if have is None:
+            self.pending[(i, name)] = list(grads)
+            return
+        for k, g in enumerate(grads):
+            before = have[k]
+            if g is not None:
+                have[k] = g if before is None else before + g
+
+    def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        route = self.pipe._route
+        # 1. The output gradient per micro-batch, through gather and the reducer.
+        flat = [
+            (i, k, leaf)
+            for i, piece in enumerate(self.ends)
+            for k, value in enumerate(piece)
+            for leaf in [value]
+            if _wants_grad(leaf)
+        ]
+        per_mb = torch.autograd.grad(
+            self.gathered, [leaf for _, _, leaf in flat], list(grads), allow_unused=True
+        )
+        for (i, k, _), g in zip(flat, per_mb, strict=True):
+            name = route.output_leaves[k]
+            if isinstance(name, str):
+                self.add(i, name, [g])
+        self.ends = []
+        # 2. The stages' backward in reverse clock cycles, one worker per stage.
+        self._run_stages()
+        # 3. Gradients of the Function's inputs: parameters, then the caller's slices.
+        param_grads = self._param_grads()
+        self.stage_grads = []
+        out: list[torch.Tensor | None] = [param_grads.get(id(p)) for p in self.params]
+        for i, name, k, _ in self.slices:
+            got = self.pending.get((i, name))
+            out.append(None if got is None else got[k])
+        self.pending.clear()
+        return out
+
+    def _run_stages(self) -> None:
+        pipe = self.pipe
+        is_cpu = [d.type == "cpu" for d in pipe.devices]
+        threads = None
+        if pipe.threads_option is None:
+            # The backward schedule is the forward's with the stages reversed.
+            table = cycle_threads(is_cpu[::-1], self.m, available_cores())
+            threads = [[row[self.n - 1 - j] for j in range(self.n)] for row in table]
+        specs = [
+            WorkerSpec(d, s, t)
+            for d, s, t in zip(pipe.devices, pipe._streams, pipe._threads, strict=True)
+        ]
+        done: set[tuple[int, int]] = set()
+        with spawn_workers(specs, name="modelsplit-backward") as (in_queues, out_queue, _):
+
+            def wait_for(i: int, j: int) -> None:
+                while (i, j) not in done:
+                    ok, (task, payload) = out_queue.get()
+                    if not ok:
+                        if payload is None:
+                            continue
+                        device = str(pipe.devices[task.j])
+                        raise StageError(task.j, device, task.i, payload) from payload
+                    self._receive(task.i, task.j, payload)
+                    done.add((task.i, task.j))
+
+            for cycle in backward_cycles(self.m, self.n):
+                for i, j in cycle:
+                    for k in range(j + 1, self.n):
+                        wait_for(i, k)
+                    count = None if threads is None else threads[i][j]
+                    in_queues[j].put(Task(i, j, self._task(i, j), count))
+            for i in range(self.m):
+                wait_for(i, 0)
+
+    def _task(self, i: int, j: int) -> Any:
+        route = self.pipe._route
+        outputs = self.graphs.outputs[i][j]
+        tensors: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for name, value in zip(route.stage_outputs[j], outputs, strict=True):
+            got = self.pending.pop((i, name), None)
+            if got is None:
+                continue
+            for leaf, g in zip(tree_leaves(value), got, strict=True):
+                if g is not None and _wants_grad(leaf):
+                    tensors.append(leaf)
+                    grads.append(g)
+        inputs = self.graphs.inputs[i][j]
+        wrt_inputs = [
+            (name, k, leaf)
+            for name, value in zip(route.stage_inputs[j], inputs, strict=True)
+            for k, leaf in enumerate(tree_leaves(value))
+            if _wants_grad(leaf) and leaf.grad_fn is None
+        ]
+        params = self.stage_params[j]
+        self.graphs.outputs[i][j] = ()
+        self.graphs.inputs[i][j] = ()
+
+        sums = self.stage_grads[j]
+
+        def compute() -> list[Any]:
+            wrt = [leaf for _, _, leaf in wrt_inputs] + params
+            if not tensors or not wrt:
+                return []
+            got = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
+            # Sum the parameter gradients over micro-batches here, in place: stage j's tasks
+            # run one at a time in its worker, and a fresh sum per micro-batch would
+            # allocate (and page-fault) a parameter-sized tensor each time.
+            for p, g in zip(params, got[len(wrt_inputs) :], strict=True):
+                if g is not None:
+                    have = sums.get(id(p))
+                    if have is None:
+                        sums[id(p)] = g
+                    else:
+                        have.add_(g)
+            return list(got[: len(wrt_inputs)])
+
+        self.wrt[(i, j)] = wrt_inputs
+        return compute
+
+    def _receive(self, i: int, j: int, input_grads: list[Any]) -> None:
+        wrt_inputs = self.wrt.pop((i, j))
+        by_name: dict[str, dict[int, torch.Tensor]] = {}
+        for (name, k, _), g in zip(wrt_inputs, input_grads, strict=False):
+            if g is not None:
+                by_name.setdefault(name, {})[k] = g
+        for name, found in by_name.items():
+            layout = self.graphs.layout[(i, name)]
+            grads: list[torch.Tensor | None] = [None] * len(layout)
+            for k, g in found.items():
+                src = layout[k]
+                grads[k] = g if src is None or g.device == src else g.to(src)
+            self.add(i, name, grads)
+
+    def _param_grads(self) -> dict[int, torch.Tensor]:
+        """Each parameter's gradient: its stage's sum, or the stages' (a tied weight)."""
+        total: dict[int, torch.Tensor] = {}
+        where = {id(p): p for group in self.stage_params for p in group}
+        for sums in self.stage_grads:
+            for key, g in sums.items():
+                device = where[key].device
+                g = g if g.device == device else g.to(device)
+                total[key] = g if key not in total else total[key] + g
+        return total
