@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.autograd.function import once_differentiable
 
 from runtime.errors import StageError
@@ -57,7 +58,7 @@ def detached(value: Any) -> Any:
         return value.detach().requires_grad_() if value.requires_grad else value
     if not any(_wants_grad(leaf) for leaf in tree_leaves(value)):
         return value
-    return torch.utils._pytree.tree_map(detached, value)
+    return pytree.tree_map(detached, value)
 
 
 class StageGraphs:
@@ -103,9 +104,13 @@ def attach(
     ends = [[detached(v) for v in piece] for piece in pieces]
     with torch.enable_grad():
         gathered = gather(ends, sizes, pipe.reducer)
-    diff = [k for k, leaf in enumerate(gathered) if _wants_grad(leaf)]
+    # An output value may be a pytree (a plain stage returning a tuple): work leaf by leaf.
+    flat = [pytree.tree_flatten(value) for value in gathered]
+    diff = [
+        (k, idx) for k, (ls, _) in enumerate(flat) for idx, x in enumerate(ls) if _wants_grad(x)
+    ]
     if not diff:
-        return [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in gathered]
+        return [pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, v) for v in gathered]
     stage_params = [_stage_parameters(stage) for stage in pipe.stages]
     params: dict[int, torch.Tensor] = {}
     for group in stage_params:
@@ -121,12 +126,12 @@ def attach(
     for i, env in enumerate(caller):
         graphs.record(i, list(env), list(env.values()))
     state = _State(pipe, graphs, stage_params, list(params.values()), slices, pieces, ends)
-    state.gathered = [gathered[k] for k in diff]
+    state.gathered = [flat[k][0][idx] for k, idx in diff]
     outs = _PipelineOutput.apply(state, *params.values(), *(s[3] for s in slices))
-    result = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in gathered]
-    for k, out in zip(diff, outs, strict=True):
-        result[k] = out
-    return result
+    leaves = [[x.detach() if isinstance(x, torch.Tensor) else x for x in ls] for ls, _ in flat]
+    for (k, idx), out in zip(diff, outs, strict=True):
+        leaves[k][idx] = out
+    return [pytree.tree_unflatten(ls, spec) for ls, (_, spec) in zip(leaves, flat, strict=True)]
 
 
 class _PipelineOutput(torch.autograd.Function):
@@ -185,19 +190,21 @@ class _State:
         route = self.pipe._route
         # 1. The output gradient per micro-batch, through gather and the reducer.
         flat = [
-            (i, k, leaf)
+            (i, k, idx, leaf)
             for i, piece in enumerate(self.ends)
             for k, value in enumerate(piece)
-            for leaf in [value]
+            for idx, leaf in enumerate(tree_leaves(value))
             if _wants_grad(leaf)
         ]
         per_mb = torch.autograd.grad(
-            self.gathered, [leaf for _, _, leaf in flat], list(grads), allow_unused=True
+            self.gathered, [leaf for *_, leaf in flat], list(grads), allow_unused=True
         )
-        for (i, k, _), g in zip(flat, per_mb, strict=True):
+        for (i, k, idx, _), g in zip(flat, per_mb, strict=True):
             name = route.output_leaves[k]
-            if isinstance(name, str):
-                self.add(i, name, [g])
+            if isinstance(name, str) and g is not None:
+                full: list[torch.Tensor | None] = [None] * len(tree_leaves(self.ends[i][k]))
+                full[idx] = g
+                self.add(i, name, full)
         self.ends = []
         # 2. The stages' backward in reverse clock cycles, one worker per stage.
         self._run_stages()
@@ -232,6 +239,8 @@ class _State:
                     if not ok:
                         if payload is None:
                             continue
+                        if not isinstance(payload, Exception):  # KeyboardInterrupt: as is
+                            raise payload
                         device = str(pipe.devices[task.j])
                         raise StageError(task.j, device, task.i, payload) from payload
                     self._receive(task.i, task.j, payload)

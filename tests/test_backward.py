@@ -63,6 +63,32 @@ def test_plain_stages_match_unsplit_gradients(chunks: int) -> None:
     assert threading.active_count() == before
 
 
+class _Pair(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return self.a(x), self.b(x if y is None else y).tanh()
+
+
+def test_tuple_values_between_and_out_of_plain_stages() -> None:
+    # Stage 0 returns a tuple, splatted into stage 1, which returns a tuple too.
+    torch.manual_seed(0)
+    model = nn.Sequential(_Pair(6), _Pair(6))
+    reference = copy.deepcopy(model)
+    x = torch.randn(5, 6)
+    pipe = Pipeline(list(model), ["cpu"] * 2, chunks=2, backward="pipelined")
+    out = pipe(x)
+    want = reference[1](*reference[0](x))
+    assert isinstance(out, tuple) and len(out) == 2
+    for a, b in zip(out, want, strict=True):
+        torch.testing.assert_close(a, b)
+    (out[0].sum() + out[1].pow(2).sum()).backward()
+    (want[0].sum() + want[1].pow(2).sum()).backward()
+    _assert_same_grads(model, reference)
+
+
 def test_autograd_grad_sees_parameter_gradients() -> None:
     # Parameters are inputs of the pipeline's output, so torch.autograd.grad reaches them.
     model = _mlp()
