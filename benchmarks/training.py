@@ -14,10 +14,10 @@ run one forward + backward + zeroed gradients:
 - backward="pipelined": each stage's backward in its own worker, micro-batches pipelined
   ([Note: pipelined backward] in runtime/backward.py).
 
-Rounds alternate the three; medians are printed with the page faults per step. Worker
-threads are new on every call, and glibc returns the memory a thread freed to the OS, so
-every step touches fresh pages: run it a second time with the MALLOC_* variables above to
-see what that costs (the README's table has both).
+Rounds alternate the three; medians are printed with the page faults per step. Memory
+the worker threads allocate comes from glibc's per-thread arenas, which return freed memory
+to the OS eagerly, so every step touches fresh pages: run it a second time with the MALLOC_*
+variables above to see what that costs (the README's table has both).
 """
 
 from __future__ import annotations
