@@ -138,6 +138,9 @@ class _PipelineOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, state: _State, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.state = state
+        # An output the loss does not use gets None, not zeros: parameters that only feed it
+        # keep grad None, as with autograd (optimizers skip them, weight decay included).
+        ctx.set_materialize_grads(False)
         return tuple(leaf.detach() for leaf in state.gathered)
 
     @staticmethod
@@ -186,8 +189,9 @@ class _State:
             if g is not None:
                 have[k] = g if before is None else before + g
 
-    def backward(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    def backward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         route = self.pipe._route
+        used = [(out, g) for out, g in zip(self.gathered, grads, strict=True) if g is not None]
         # 1. The output gradient per micro-batch, through gather and the reducer.
         flat = [
             (i, k, idx, leaf)
@@ -196,9 +200,14 @@ class _State:
             for idx, leaf in enumerate(tree_leaves(value))
             if _wants_grad(leaf)
         ]
-        per_mb = torch.autograd.grad(
-            self.gathered, [leaf for *_, leaf in flat], list(grads), allow_unused=True
-        )
+        per_mb: Sequence[torch.Tensor | None] = [None] * len(flat)
+        if used:
+            per_mb = torch.autograd.grad(
+                [out for out, _ in used],
+                [leaf for *_, leaf in flat],
+                [g for _, g in used],
+                allow_unused=True,
+            )
         for (i, k, idx, _), g in zip(flat, per_mb, strict=True):
             name = route.output_leaves[k]
             if isinstance(name, str) and g is not None:

@@ -89,6 +89,21 @@ def test_tuple_values_between_and_out_of_plain_stages() -> None:
     _assert_same_grads(model, reference)
 
 
+def test_parameters_only_an_unused_output_reads_keep_grad_none() -> None:
+    # As with autograd: no zeros, so optimizers (and weight decay) skip those parameters.
+    torch.manual_seed(0)
+    model = nn.Sequential(_Pair(6), _Pair(6))
+    reference = copy.deepcopy(model)
+    pipe = Pipeline(list(model), ["cpu"] * 2, chunks=2, backward="pipelined")
+    x = torch.randn(5, 6)
+    pipe(x)[0].sum().backward()
+    reference[1](*reference[0](x))[0].sum().backward()
+    # Output 0 reads model[0].a and model[1].a only; the b layers feed output 1 alone.
+    got = {name: p.grad is None for name, p in model.named_parameters()}
+    want = {name: p.grad is None for name, p in reference.named_parameters()}
+    assert got == want and got["1.b.weight"] and got["0.b.weight"] and not got["0.a.weight"]
+
+
 def test_autograd_grad_sees_parameter_gradients() -> None:
     # Parameters are inputs of the pipeline's output, so torch.autograd.grad reaches them.
     model = _mlp()
