@@ -208,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto timeline JSON")
     p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the check")
     p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the check")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="also check and time a training step: gradients of a loss on the outputs "
+        "against the unsplit model's",
+    )
+    p.add_argument(
+        "--backward",
+        choices=("autograd", "pipelined"),
+        default="autograd",
+        help="with --train: autograd's backward, or each stage's in its worker (CPU)",
+    )
     _common(p)
 
     p = sub.add_parser("compare", help="the ILP plan against each baseline")

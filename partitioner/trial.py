@@ -27,7 +27,7 @@ from partitioner.render import fmt_bytes, fmt_time, plain_table
 if TYPE_CHECKING:
     from partitioner.cli import Output
 
-__all__ = ["check_devices", "compare", "max_error", "run_plan"]
+__all__ = ["check_devices", "compare", "max_error", "run_plan", "train_loss"]
 
 
 def max_error(output: Any, reference: Any) -> float:
@@ -207,13 +207,96 @@ def run_plan(args: argparse.Namespace, out: Output) -> int:
     }
     if args.trace:
         timeline.save(args.trace)
+    if args.train:
+        with out.progress(1) as step:
+            step(f"training steps, backward={args.backward!r}")
+            result["train"] = _train(args, setup, plan, chunks)
     _report(result, out)
     if not ok:
         raise ModelSplitError(
             f"the split model's output differs from the model's (max error {error:.3g}, "
             f"rtol {args.rtol:g}, atol {args.atol:g}); report it with `--debug` output"
         )
+    if args.train and not result["train"]["ok"]:
+        raise ModelSplitError(
+            f"the split model's gradients differ from the model's (max error "
+            f"{result['train']['max_grad_error']:.3g}, rtol {args.rtol:g}, atol {args.atol:g}); "
+            f"report it with `--debug` output"
+        )
     return 0
+
+
+def train_loss(output: Any) -> Any:
+    """The loss ``modelsplit run --train`` differentiates: the mean square of every floating
+    output tensor, summed (a scalar output, such as a model's own loss, counts as is)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    terms = [
+        leaf.float().pow(2).mean()
+        for leaf in pytree.tree_leaves(output)
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad
+    ]
+    if not terms:
+        raise ModelSplitError(
+            "--train: the model's outputs carry no gradient (no floating output depends on a "
+            "parameter that requires grad)"
+        )
+    return torch.stack(terms).sum()
+
+
+def _train(args: argparse.Namespace, setup: Setup, plan: Plan, chunks: int) -> dict[str, Any]:
+    """Check a training step's gradients against the unsplit model's, and time both.
+
+    Runs in eval mode (no dropout: the split and unsplit runs would draw different masks;
+    BatchNorm uses its running statistics, since micro-batches see other batch statistics).
+    Scalar outputs are combined over micro-batches with reducer="mean".
+    """
+    from partitioner.splitter import ModelSplitter
+
+    model = setup.model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(run: Callable[..., Any]) -> None:
+        for p in params:
+            p.grad = None
+        train_loss(run(*setup.args, **setup.kwargs)).backward()
+
+    def grads() -> list[Any]:
+        return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+    step(model)
+    want = grads()
+    splitter = ModelSplitter.from_plan(
+        model,
+        plan,
+        devices=list(plan.device_specs),
+        chunks=chunks,
+        reducer="mean",
+        backward=args.backward,
+    )
+    step(splitter)
+    got = grads()
+    error, ok = 0.0, True
+    for g, w in zip(got, want, strict=True):
+        if g is None or w is None:
+            ok = ok and (g is None or not g.any()) and (w is None or not w.any())
+            continue
+        error = max(error, max_error(g, w))
+        ok = ok and _close(g, w, args.rtol, args.atol)
+    _timed(lambda: step(model), args.warmup)
+    _, unsplit_s = _timed(lambda: step(model), args.iters)
+    _timed(lambda: step(splitter), args.warmup)
+    _, split_s = _timed(lambda: step(splitter), args.iters)
+    for p in params:
+        p.grad = None
+    return {
+        "backward": args.backward,
+        "max_grad_error": error,
+        "ok": ok,
+        "throughput": setup.batch * args.iters / split_s,
+        "unsplit_throughput": setup.batch * args.iters / unsplit_s,
+    }
 
 
 def _report(r: dict[str, Any], out: Output) -> None:
@@ -233,6 +316,18 @@ def _report(r: dict[str, Any], out: Output) -> None:
     ]
     if r["trace"]:
         lines.append(("trace", f"{r['trace']} (open in https://ui.perfetto.dev)"))
+    if "train" in r:
+        t = r["train"]
+        check = "ok" if t["ok"] else "MISMATCH"
+        ratio = t["throughput"] / t["unsplit_throughput"] if t["unsplit_throughput"] else 0.0
+        lines += [
+            ("grad error", f"{t['max_grad_error']:.3g} ({check}; backward={t['backward']!r})"),
+            (
+                "training",
+                f"{t['throughput']:,.1f} samples/s, unsplit {t['unsplit_throughput']:,.1f} "
+                f"({ratio:.2f}x)",
+            ),
+        ]
     for label, value in lines:
         out.show(f"[bold]{label:>11}[/bold]  {value}")
 

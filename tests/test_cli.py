@@ -319,3 +319,15 @@ def test_factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         load_model("no_such_pkg.models:mlp")
     with pytest.raises(UsageError, match="must be 'path/to/file.py:factory'"):
         load_model("examples/models.py")
+
+
+@pytest.mark.parametrize("backward", ["autograd", "pipelined"])
+def test_run_train_checks_gradients(
+    plan_file: Path, backward: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", MLP, *SMALL, "--plan", str(plan_file), "--iters", "1", "--warmup", "0"]
+    code, out, err = _run(capsys, *argv, "--train", "--backward", backward, "--json")
+    assert code == EXIT_OK, err
+    train = json.loads(out)["train"]
+    assert train["ok"] and train["backward"] == backward
+    assert train["max_grad_error"] < 1e-5 and train["throughput"] > 0
