@@ -228,6 +228,7 @@ class _Run:
         if pipe.threads_option is None:
             is_cpu = [d.type == "cpu" for d in pipe.devices]
             self.threads = cycle_threads(is_cpu, self.m, available_cores())
+        self.stage_list = list(pipe.stages)  # ModuleList indexing costs ~1 us a task
         self.events: list[list[Event]] = [[None] * self.n for _ in envs]
         self.done: set[tuple[int, int]] = set()
         self.producer = self.route.producer
@@ -263,7 +264,7 @@ class _Run:
         if self.graphs is not None:
             values = [_backward.detached(v) for v in values]
             self.graphs.inputs[i][j] = tuple(values)
-        stage, call, stream = pipe.stages[j], self.route.calls[j], pipe._streams[j]
+        stage, call, stream = self.stage_list[j], self.route.calls[j], pipe._streams[j]
         keep = i >= self.stops[j]
 
         def run(*values: Any) -> tuple[Any, ...]:

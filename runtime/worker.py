@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -219,6 +220,13 @@ def stage_threads(
 
 
 def cycle_threads(is_cpu: Sequence[bool], m: int, cores: int) -> list[list[int | None]]:
+    """See `_cycle_threads`; cached, since a pipeline asks for the same table every call
+    (the table is shared: read it, do not change it)."""
+    return _cycle_threads(tuple(is_cpu), m, cores)
+
+
+@functools.lru_cache(maxsize=64)
+def _cycle_threads(is_cpu: tuple[bool, ...], m: int, cores: int) -> list[list[int | None]]:
     """Intra-op threads of task (i, j), as ``table[i][j]``: the cores shared by the CPU
     stages busy in its clock cycle.
 
