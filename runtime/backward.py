@@ -28,6 +28,7 @@ worker blocking an autograd device thread could deadlock.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +67,10 @@ class StageGraphs:
     and where each value's tensor leaves live (``layout[(i, name)]``, None for non-tensors),
     so a gradient goes back to its producer's device."""
 
-    def __init__(self, m: int, n: int) -> None:
+    def __init__(self, m: int, n: int, locks: Sequence[Any] = ()) -> None:
+        # locks[j]: held by stage j's backward tasks, which recompute checkpointed tasks
+        # ([Note: random ops and recomputation] in runtime/checkpoint.py)
+        self.locks = list(locks) or [None] * n
         self.inputs: list[list[tuple[Any, ...]]] = [[()] * n for _ in range(m)]
         self.outputs: list[list[tuple[Any, ...]]] = [[()] * n for _ in range(m)]
         self.layout: dict[tuple[int, str], list[torch.device | None]] = {}
@@ -289,12 +293,14 @@ class _State:
         self.graphs.inputs[i][j] = ()
 
         sums = self.stage_grads[j]
+        lock = self.graphs.locks[j]
 
         def compute() -> list[Any]:
             wrt = [leaf for _, _, leaf in wrt_inputs] + params
             if not tensors or not wrt:
                 return []
-            got = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
+            with lock if lock is not None else contextlib.nullcontext():
+                got = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
             # Sum the parameter gradients over micro-batches here, in place: stage j's tasks
             # run one at a time in its worker, and a fresh sum per micro-batch would
             # allocate (and page-fault) a parameter-sized tensor each time.

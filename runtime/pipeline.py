@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from runtime import backward as _backward
-from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed
+from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed, rng_locks
 from runtime.errors import StageError
 from runtime.faults import StageTimeout
 from runtime.interface import Const
@@ -234,10 +235,13 @@ class _Run:
         self.producer = self.route.producer
         grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         self.stops = pipe._stops(self.m) if grad else [0] * self.n
+        # Stages that share a generator with a checkpointed random stage run one at a time
+        # ([Note: random ops and recomputation] in runtime/checkpoint.py).
+        self.locks = rng_locks(list(pipe.stages), pipe.devices, self.stops)
         # Each task's own graph, for the pipelined backward ([Note: pipelined backward]).
         self.graphs: _backward.StageGraphs | None = None
         if grad and pipe.backward == "pipelined":
-            self.graphs = _backward.StageGraphs(self.m, self.n)
+            self.graphs = _backward.StageGraphs(self.m, self.n, self.locks)
         for env in envs:
             for name in pipe._free[0]:
                 env.pop(name, None)
@@ -270,8 +274,11 @@ class _Run:
         def run(*values: Any) -> tuple[Any, ...]:
             return call(stage, values)
 
+        lock = self.locks[j]
+
         def compute() -> tuple[tuple[Any, ...], Event]:
-            outputs = run(*values) if keep else checkpointed(run, *values)
+            with lock if lock is not None else contextlib.nullcontext():
+                outputs = run(*values) if keep else checkpointed(run, *values)
             return outputs, record_event(stream)
 
         return Task(i, j, compute, None if self.threads is None else self.threads[i][j])

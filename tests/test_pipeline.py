@@ -562,3 +562,46 @@ def test_autocast_reaches_the_workers() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = Pipeline([model[0], model[1]], ["cpu", "cpu"], chunks=2)(torch.randn(4, 4))
     assert out.dtype == torch.bfloat16
+
+
+def _dropout_stage(log: list[tuple[bool, ...]]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        drop = nn.Dropout(0.5)
+        drop.register_forward_hook(lambda m, i, o: log.append(tuple((o[0] == 0).tolist())))
+        layers += [nn.Linear(64, 64), drop]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("backward", ["autograd", "pipelined"])
+def test_checkpoint_recomputes_the_dropout_masks_of_the_forward(backward: str) -> None:
+    # Two CPU stages draw from one generator at once; a recomputation must still draw the
+    # masks its forward drew ([Note: random ops and recomputation]), else gradients are wrong.
+    logs: list[list[tuple[bool, ...]]] = [[], []]
+    stages = [_dropout_stage(log) for log in logs]
+    pipe = Pipeline(stages, ["cpu", "cpu"], chunks=4, checkpoint="always", backward=backward)
+    pipe(torch.randn(16, 64)).sum().backward()
+    for log in logs:
+        forward, recomputed = log[:24], log[24:]  # 4 micro-batches x 6 dropouts, then backward
+        assert recomputed and set(recomputed) <= set(forward)
+
+
+def test_rng_locks_only_where_a_generator_is_shared_under_checkpointing() -> None:
+    from runtime.checkpoint import draws_random, rng_locks
+
+    drop, plain = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)), nn.Linear(2, 2)
+    assert draws_random(drop) and not draws_random(plain)
+    assert not draws_random(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)).eval())
+    traced = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
+    assert draws_random(traced)
+
+    class Functional(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.dropout(x, 0.1, training=True) + torch.rand_like(x)
+
+    assert draws_random(torch.fx.symbolic_trace(Functional()))  # call_function targets
+    cpu = [torch.device("cpu")] * 3
+    locks = rng_locks([drop, plain, drop], cpu, [2, 2, 2])
+    assert locks[0] is not None and locks[0] is locks[2] and locks[1] is None
+    assert rng_locks([drop, plain, drop], cpu, [0, 0, 0]) == [None] * 3  # no checkpointing
+    assert rng_locks([drop, plain], cpu[:2], [2, 2]) == [None, None]  # one random stage
