@@ -4,7 +4,9 @@ Two capture modes, tried in order by ``mode="auto"``:
 
 - ``"fx"``: `torch.fx` symbolic tracing. Module-level nodes (a `Linear` is one
   ``call_module`` node), user leaf modules honoured, non-tensor arguments
-  baked in as constants. Fails on data-dependent control flow.
+  baked in as constants. In-place ops become data flow (`partitioner.inplace`);
+  fails on data-dependent control flow and on in-place ops that mutate a view,
+  an input or a parameter (export handles those).
 - ``"export"``: ``torch.export.export(strict=False)`` then ``.module()``.
   Operator-level aten nodes; handles Hugging Face models (``use_cache=False``)
   and shape-dependent control flow. Dim 0 of every batched tensor input is
@@ -30,6 +32,7 @@ import torch.utils._pytree as pytree
 from torch.fx._pytree import tree_flatten_spec
 
 from partitioner.errors import TraceError
+from partitioner.inplace import functionalize_inplace
 from partitioner.program import (
     PROGRAM_KEY,
     SIGNATURE_KEY,
@@ -147,14 +150,47 @@ def _trace_fx(
             raise TypeError(f"argument {name!r} nests tensors in a {type(value).__name__}")
         constants[name] = value
     tracer = _LeafTracer(leaves)
-    graph = tracer.trace(model, concrete_args=dict(constants))
+    saved = _buffer_values(model)
+    try:
+        graph = tracer.trace(model, concrete_args=dict(constants))
+    finally:
+        changed = _restore_buffers(model, saved)
+    if changed:
+        raise TypeError(
+            f"forward changes buffer(s) {changed} (e.g. a step counter): fx runs that update "
+            f"once while tracing and records none of it; trace with mode='export'"
+        )
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _drop_constant_placeholders(gm, set(bound.arguments) - set(constants))
+    rewritten = functionalize_inplace(gm)  # [Note: in-place ops]; TypeError: use export
+    if rewritten:
+        logger.debug("%s: %d in-place ops made data flow", type(model).__name__, rewritten)
     placeholders = tuple((str(n.target), n.name) for n in gm.graph.nodes if n.op == "placeholder")
     binder = FxBinder(signature, placeholders, tuple(constants.items()))
     leaves_, unflatten = output_program(gm)
     program = Program(tuple(ph for _, ph in placeholders), leaves_, binder, unflatten)
     return _set_meta(gm, program)
+
+
+def _buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: buf.detach().clone()
+        for name, buf in model.named_buffers()
+        if not buf.is_meta and buf.numel() <= 1 << 24
+    }
+
+
+def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> list[str]:
+    """Put back the buffers tracing changed; return their names."""
+    changed = []
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            old = saved.get(name)
+            if old is not None and (old.shape != buf.shape or not torch.equal(old, buf)):
+                changed.append(name)
+                if old.shape == buf.shape:
+                    buf.copy_(old)
+    return changed
 
 
 _GUARDS = {operator.eq, torch._assert, fx._symbolic_trace._assert_is_none}

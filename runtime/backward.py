@@ -44,7 +44,7 @@ from runtime.worker import Task, WorkerSpec, available_cores, cycle_threads, spa
 if TYPE_CHECKING:
     from runtime.pipeline import Pipeline
 
-__all__ = ["MODES", "StageGraphs", "attach", "detached"]
+__all__ = ["MODES", "StageGraphs", "attach", "copied", "detached"]
 
 MODES = ("autograd", "pipelined")
 
@@ -60,6 +60,11 @@ def detached(value: Any) -> Any:
     if not any(_wants_grad(leaf) for leaf in tree_leaves(value)):
         return value
     return pytree.tree_map(detached, value)
+
+
+def copied(value: Any) -> Any:
+    """``value`` with each tensor that requires grad cloned (differentiably)."""
+    return pytree.tree_map(lambda t: t.clone() if _wants_grad(t) else t, value)
 
 
 class StageGraphs:

@@ -18,6 +18,7 @@ from runtime.errors import StageError
 from runtime.faults import StageTimeout
 from runtime.interface import Const
 from runtime.microbatch import REDUCERS, Reducer, gather, scatter
+from runtime.mutation import mutated_inputs
 from runtime.route import route_for
 from runtime.schedule import clock_cycles
 from runtime.stream import Event, as_device, new_stream, record_event
@@ -146,6 +147,8 @@ class Pipeline(nn.Module):
                     "(on_failure='replan'): use backward='autograd' with it"
                 )
         self.backward = backward
+        # Inputs each stage mutates in place: the pipelined backward hands it a private copy.
+        self._mutated = [mutated_inputs(stage) for stage in stages]
         self.chunks = chunks
         self.checkpoint = checkpoint
         self.reducer = reducer
@@ -266,8 +269,12 @@ class _Run:
             for name in names
         ]
         if self.graphs is not None:
-            values = [_backward.detached(v) for v in values]
-            self.graphs.inputs[i][j] = tuple(values)
+            leaves = [_backward.detached(v) for v in values]
+            self.graphs.inputs[i][j] = tuple(leaves)
+            # autograd forbids changing a leaf in place: a stage that mutates an input
+            # gets a copy, whose gradient flows back to the leaf.
+            mutated = pipe._mutated[j]
+            values = [_backward.copied(v) if k in mutated else v for k, v in enumerate(leaves)]
         stage, call, stream = self.stage_list[j], self.route.calls[j], pipe._streams[j]
         keep = i >= self.stops[j]
 

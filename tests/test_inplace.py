@@ -1,0 +1,166 @@
+"""In-place ops in fx graphs: every split keeps eager semantics ([Note: in-place ops])."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from partitioner import ModelSplitter
+from partitioner.compose import run_stages
+from partitioner.errors import TraceError
+from partitioner.inplace import functionalize_inplace
+from partitioner.split import split
+from partitioner.trace import trace
+from runtime import Pipeline
+from tests.test_split import COMPUTE, plan_for
+
+
+class Discarded(nn.Module):
+    """In-place methods whose results are dropped: only the node order says they come first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y += 1
+        y.relu_()
+        z = self.b(y)
+        z.mul_(2)
+        return z + x
+
+
+class ReadBefore(nn.Module):
+    """A reader of ``h`` before its mutation must see the old value wherever it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        before = self.b(h)  # reads h as it is now
+        h.mul_(3).add_(h)  # then h changes; add_ reads the mutated h
+        return before + h
+
+
+class InplaceModules(nn.Module):
+    """The common, already-safe case: nn.ReLU(inplace=True) on a value nobody else reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.a(x))
+        out += x
+        return self.b(self.act(out))
+
+
+class MutatesView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h[:, :4].mul_(0)  # changes h through a view
+        return h * 2
+
+
+class CountsCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1  # a buffer mutation that must persist
+        return self.a(x)
+
+
+@pytest.mark.parametrize(
+    ("factory", "trainable"),
+    # ReadBefore and InplaceModules change tensors autograd saved: eager backward fails too.
+    [(Discarded, True), (ReadBefore, False), (InplaceModules, False)],
+)
+def test_every_split_of_an_inplace_graph_matches_eager(
+    factory: type[nn.Module], trainable: bool
+) -> None:
+    torch.manual_seed(0)
+    model = factory()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        want = model(x.clone())
+    gm = trace(model, (x,), mode="fx")
+    compute = [n.name for n in gm.graph.nodes if n.op in COMPUTE]
+    # Every way to cut the node order into 3 runs: the planner may pick any of them.
+    reference = copy.deepcopy(model)
+    if trainable:
+        reference(x.clone()).pow(2).sum().backward()
+    for a, b in itertools.combinations(range(1, len(compute)), 2):
+        assignment = {name: (k >= a) + (k >= b) for k, name in enumerate(compute)}
+        stages = split(gm, plan_for(gm, assignment))
+        with torch.no_grad():
+            out = run_stages(stages, x.clone())
+        torch.testing.assert_close(out, want, msg=f"cuts {a}, {b}")
+        if not trainable:
+            continue
+        # The pipelined backward hands a stage that mutates its input a private copy.
+        gm.zero_grad(set_to_none=True)
+        pipe = Pipeline(stages, ["cpu"] * len(stages), chunks=2, backward="pipelined")
+        pipe(x.clone()).pow(2).sum().backward()
+        for (name, p), r in zip(gm.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, r.grad, msg=f"{name}, cuts {a}, {b}")
+
+
+def test_rewrite_rewires_later_readers_and_clones_for_earlier_ones() -> None:
+    gm = torch.fx.symbolic_trace(ReadBefore())
+    assert functionalize_inplace(gm) == 2  # mul_ (with a clone), then add_
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_method"]
+    assert ops == ["clone", "mul_", "add_"]
+    mul = next(n for n in gm.graph.nodes if n.target == "mul_")
+    add = next(n for n in gm.graph.nodes if n.target == "add_")
+    assert add.args[0] is mul  # reads the mutated tensor through the mutation
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    assert add in out.all_input_nodes[0].all_input_nodes  # before + (h after both)
+    torch.testing.assert_close(gm(torch.ones(2, 8)), ReadBefore.forward(gm, torch.ones(2, 8)))
+
+
+def test_safe_inplace_modules_need_no_rewrite() -> None:
+    assert functionalize_inplace(torch.fx.symbolic_trace(InplaceModules())) == 0
+
+
+@pytest.mark.parametrize("factory", [MutatesView, CountsCalls])
+def test_observable_mutations_go_to_export(factory: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    with pytest.raises(TraceError, match="fx: TypeError: .*mode='export'"):
+        trace(factory(), (x,), mode="fx")
+    model = factory()
+    reference = copy.deepcopy(model)
+    gm = trace(model, (x,))  # auto: fx refuses, export functionalizes
+    assert gm.meta["modelsplit_mode"] == "export"
+    torch.testing.assert_close(gm(x), reference(x))
+
+
+@pytest.mark.parametrize("backward", ["autograd", "pipelined"])
+def test_model_splitter_trains_an_inplace_model(backward: str) -> None:
+    torch.manual_seed(0)
+    model = Discarded()
+    reference = copy.deepcopy(model)
+    x = torch.randn(12, 8)
+    splitter = ModelSplitter(model, num_devices=3, chunks=4, backward=backward, time_limit=5)
+    out = splitter(x)
+    want = reference(x)
+    torch.testing.assert_close(out, want)
+    out.pow(2).mean().backward()
+    want.pow(2).mean().backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
