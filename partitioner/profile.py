@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from partitioner.errors import ModelSplitError
 from partitioner.measure import measure, nbytes, tensor_key
 from partitioner.program import program_of
 from partitioner.verify import batch_size
@@ -90,15 +91,26 @@ def profile(
     )
     values = program.bind(args, kwargs)
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
-    found = measure(
-        gm,
-        [values[name] for name in program.inputs],
-        timed=cost == "time",
-        repeat=repeat,
-        training=training,
-        exclude={tensor_key(t) for t in _tensors(gm)},
-        sync=sync,
-    )
+    try:
+        found = measure(
+            gm,
+            [values[name] for name in program.inputs],
+            timed=cost == "time",
+            repeat=repeat,
+            training=training,
+            exclude={tensor_key(t) for t in _tensors(gm)},
+            sync=sync,
+        )
+    except Exception as exc:
+        if micro >= batch:
+            raise
+        first = (str(exc).strip().splitlines() or ["(no message)"])[0]
+        raise ModelSplitError(
+            f"the model fails on a micro-batch of {micro} rows (batch {batch} in {chunks} "
+            f"chunks): {type(exc).__name__}: {first}. A model that fixes the batch size (a "
+            f"reshape to the example's batch) cannot be micro-batched: take the size from "
+            f"x.shape[0], or use chunks=1"
+        ) from exc
     graph = _cost_graph(gm, found, cost, peak_flops, mem_bandwidth, training, chunks)
     graph.graph.update(
         model=gm.meta.get("modelsplit_model", type(gm).__name__),

@@ -42,7 +42,7 @@ from partitioner.program import (
     output_program,
     program_of,
 )
-from partitioner.verify import batch_size, check_outputs, sync_state_dict
+from partitioner.verify import batch_size, check_gradients, check_outputs, sync_state_dict
 from runtime.interface import Program
 
 __all__ = ["MODES", "input_signature", "program_of", "trace"]
@@ -88,6 +88,8 @@ def trace(
             gm = _TRACERS[name](model, args, kwargs, leaf_modules)
             sync_state_dict(model, gm)
             check_outputs(model, gm, args, kwargs)
+            if name == "fx":  # fx drops autograd contexts such as torch.no_grad()
+                check_gradients(model, gm, args, kwargs)
         except Exception as exc:
             logger.debug("trace %s: %s failed", type(model).__name__, name, exc_info=True)
             causes.append((name, exc))

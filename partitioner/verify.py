@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from partitioner.errors import TraceError
 from partitioner.program import run_program
 
-__all__ = ["CHECK_ROWS", "batch_size", "check_outputs", "sync_state_dict"]
+__all__ = ["CHECK_ROWS", "batch_size", "check_gradients", "check_outputs", "sync_state_dict"]
 
 CHECK_ROWS = 2  # outputs are compared on this many rows of the example batch
 Args = tuple[Any, ...]
@@ -134,6 +134,69 @@ def check_outputs(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwar
                 raise AssertionError(f"{g!r} != {w!r}")
         except AssertionError as exc:
             raise TraceError(f"output leaf {i} differs: {_first_line(exc)}") from exc
+
+
+def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> None:
+    """The traced module's parameter gradients must be the model's, on the example's first
+    `CHECK_ROWS` rows, for the loss sum(mean(output ** 2)) over its floating outputs.
+
+    fx does not record autograd contexts: ``torch.no_grad()`` or ``torch.enable_grad()``
+    inside forward vanish from the graph, which then trains parameters the model does not
+    (or the other way round) with outputs that match. A mismatch is a TypeError naming the
+    first parameter, so ``mode="auto"`` moves on to export, which records them.
+    """
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or _is_meta(model, args, kwargs):
+        return
+
+    def grads(run: Any, call: tuple[Args, Kwargs]) -> tuple[torch.Tensor | None, ...] | None:
+        with torch.enable_grad(), _no_side_effects(model):
+            torch.manual_seed(0)
+            out = run(*call)
+            leaves = [
+                leaf
+                for leaf in pytree.tree_leaves(out)
+                if isinstance(leaf, torch.Tensor)
+                and leaf.is_floating_point()
+                and leaf.requires_grad
+            ]
+            if not leaves:
+                return None
+            loss = torch.stack([leaf.float().pow(2).mean() for leaf in leaves]).sum()
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+    call = _rows(args, kwargs, CHECK_ROWS)
+    try:
+        want = grads(lambda a, k: model(*a, **k), call)
+    except Exception:  # the model needs the full batch (check_outputs said it runs)
+        call = (args, kwargs)
+        try:
+            want = grads(lambda a, k: model(*a, **k), call)
+        except Exception:  # no backward in eager mode either (an in-place op autograd
+            return  # rejects): there are no gradients to hold the graph to
+    try:
+        got = grads(lambda a, k: run_program(gm, a, k), call)
+    except Exception as exc:
+        raise TypeError(
+            f"the traced graph's backward fails where the model's runs: "
+            f"{type(exc).__name__}: {_first_line(exc)}; trace with mode='export'"
+        ) from exc
+    if want is None and got is None:
+        return
+    for k, name in enumerate(names):
+        w = None if want is None else want[k]
+        g = None if got is None else got[k]
+        w_zero = w is None or not bool(w.any())
+        g_zero = g is None or not bool(g.any())
+        if w_zero and g_zero:
+            continue
+        if w_zero != g_zero or not torch.allclose(g, w, rtol=1e-3, atol=1e-5):  # type: ignore[arg-type]
+            raise TypeError(
+                f"the traced graph's gradient of {name!r} differs from the model's: forward "
+                f"may use torch.no_grad() or torch.enable_grad(), which fx does not record; "
+                f"trace with mode='export'"
+            )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 
 from examples.models import MLP, MODELS, SMALL, small
 from partitioner.cost import validate_graph
+from partitioner.errors import ModelSplitError
 from partitioner.profile import profile
 from partitioner.program import program_of
 from partitioner.trace import trace
@@ -199,3 +200,20 @@ def test_mlp_invariants(width: int, depth: int, batch: int, chunks: int) -> None
     micro = math.ceil(batch / chunks)
     assert graph.nodes["x"]["out_bytes"] == micro * width * 4
     assert graph.graph["micro_batch_size"] == micro
+
+
+class _FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x).view(12, 4, 4).sum(-1)  # the example's batch size, hard-coded
+
+
+def test_model_that_fixes_the_batch_size_is_a_clear_error() -> None:
+    x = torch.randn(12, 16)
+    gm = trace(_FixedBatch(), (x,))  # runs at the example's batch, so it traces
+    with pytest.raises(ModelSplitError, match=r"micro-batch of 3 rows \(batch 12 in 4 chunks\)"):
+        profile(gm, (x,), chunks=4)
+    assert profile(gm, (x,), chunks=1).number_of_nodes() > 0

@@ -222,3 +222,28 @@ def test_signature_is_json_and_recorded() -> None:
 def test_program_of_untraced_module() -> None:
     with pytest.raises(TypeError, match="trace"):
         program_of(fx.symbolic_trace(nn.Linear(2, 2)))
+
+
+class _NoGradInside(nn.Module):
+    """A gate computed under torch.no_grad(): fx drops the context, export keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            gate = self.a(x).mean(dim=1, keepdim=True)
+        return self.b(x) * gate
+
+
+def test_fx_that_would_train_other_parameters_goes_to_export() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    with pytest.raises(TraceError, match=r"gradient of 'a.weight' differs.*torch.no_grad\(\)"):
+        trace(_NoGradInside(), (x,), mode="fx")
+    model = _NoGradInside()
+    gm = trace(model, (x,))
+    assert gm.meta["modelsplit_mode"] == "export"
+    gm(x).pow(2).mean().backward()
+    assert model.a.weight.grad is None and model.b.weight.grad is not None
