@@ -23,11 +23,12 @@ costs memory on each such device, never bandwidth (see [Note: weights do not tra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import networkx as nx
@@ -92,15 +93,16 @@ def profile(
     values = program.bind(args, kwargs)
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     try:
-        found = measure(
-            gm,
-            [values[name] for name in program.inputs],
-            timed=cost == "time",
-            repeat=repeat,
-            training=training,
-            exclude={tensor_key(t) for t in _tensors(gm)},
-            sync=sync,
-        )
+        with _no_state_change(gm):
+            found = measure(
+                gm,
+                [values[name] for name in program.inputs],
+                timed=cost == "time",
+                repeat=repeat,
+                training=training,
+                exclude={tensor_key(t) for t in _tensors(gm)},
+                sync=sync,
+            )
     except Exception as exc:
         if micro >= batch:
             raise
@@ -130,6 +132,22 @@ def profile(
         micro,
     )
     return graph
+
+
+@contextlib.contextmanager
+def _no_state_change(gm: fx.GraphModule) -> Iterator[None]:
+    """Profiling runs the graph several times: BatchNorm statistics, step counters and the
+    RNG stream come out as they went in (the graph's buffers are the model's)."""
+    saved = [(buf, buf.detach().clone()) for buf in gm.buffers() if not buf.is_meta]
+    devices = sorted({buf.device.index or 0 for buf, _ in saved if buf.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for buf, old in saved:
+                if buf.shape == old.shape:
+                    buf.copy_(old)
 
 
 def _micro_batch(args: tuple[Any, ...], kwargs: dict[str, Any], chunks: int) -> tuple[int, int]:

@@ -175,3 +175,34 @@ def test_scalar_loss_needs_a_reducer_and_mean_matches_the_full_batch() -> None:
     want["loss"].backward()
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+class _Normed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.bn(self.a(x)))
+
+
+@pytest.mark.parametrize("trace_mode", ["fx", "export"])
+def test_planning_leaves_batchnorm_statistics_and_the_rng_alone(trace_mode: str) -> None:
+    # Tracing checks and profiling run the model several times; none of it may show.
+    import copy
+
+    model = _Normed().train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(12, 8)
+    torch.manual_seed(1)
+    splitter = ModelSplitter(model, num_devices=3, chunks=1, trace_mode=trace_mode, time_limit=5)
+    out = splitter(x)
+    after = torch.rand(4)
+    torch.manual_seed(1)
+    want = reference(x)
+    want_after = torch.rand(4)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(after, want_after)  # planning drew no random numbers
+    for (name, got), want in zip(model.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(got, want, msg=name)  # one forward's update, not seven
