@@ -19,6 +19,8 @@ view, transpose, ...), t with views taken of it, or t a model input, parameter o
 torch.export, which functionalizes the graph itself, and ``mode="fx"`` names the op.
 In-place ops are ``x.op_()`` methods, ``torch.op_`` functions, ``x += y`` and friends,
 ``inplace=True`` keyword arguments, and modules with ``inplace=True`` (``nn.ReLU``).
+Assignment into a tensor (``x[mask] = 0``) returns nothing to read instead, so it also
+sends ``mode="auto"`` to export.
 """
 
 from __future__ import annotations
@@ -75,13 +77,17 @@ _VIEW_METHODS = {
     "cuda",
     "data",
 }
-_VIEW_FUNCTIONS = {operator.getitem, getattr}
+_VIEW_FUNCTIONS = {operator.getitem}
+# Tensor attributes that alias the tensor (``x.shape`` or ``x.dtype`` do not).
+_VIEW_ATTRIBUTES = {"T", "mT", "H", "mH", "real", "imag", "data"}
 
 
 def _is_view(node: fx.Node) -> bool:
     if node.op == "call_method":
         return str(node.target) in _VIEW_METHODS
     if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in _VIEW_ATTRIBUTES
         name = getattr(node.target, "__name__", "")
         return node.target in _VIEW_FUNCTIONS or name in _VIEW_METHODS
     return False
@@ -107,6 +113,11 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
         if t is None:
             continue
         what = f"in-place {_describe(m)} (node {m.name!r}) mutates {t.name!r}"
+        if m.target is operator.setitem:
+            raise TypeError(
+                f"{what} by assignment (x[...] = value), which returns nothing later nodes "
+                f"could read instead; trace with mode='export'"
+            )
         if t.op in ("placeholder", "get_attr"):
             raise TypeError(
                 f"{what}, a model input, parameter or buffer: the mutation must persist, "

@@ -47,6 +47,8 @@ def mutated_arg(node: fx.Node, root: torch.nn.Module) -> fx.Node | None:
     elif node.op == "call_function":
         if target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
             return first
+        if target is operator.setitem:  # x[index] = value
+            return first
         name = getattr(target, "__name__", "")
         module = getattr(target, "__module__", "") or ""
         if name.endswith("_") and not name.startswith("_") and module.startswith("torch"):

@@ -85,10 +85,35 @@ class CountsCalls(nn.Module):
         return self.a(x)
 
 
+class AssignsInto(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h[:, :2] = 0  # operator.setitem: returns nothing to read instead of h
+        return self.b(h)
+
+
+class ReadsShape(nn.Module):
+    """``h.shape`` is metadata, not a view: the mutation of h stays an fx rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        width = h.shape[1]
+        h.relu_()
+        return self.b(h) * width
+
+
 @pytest.mark.parametrize(
     ("factory", "trainable"),
     # ReadBefore and InplaceModules change tensors autograd saved: eager backward fails too.
-    [(Discarded, True), (ReadBefore, False), (InplaceModules, False)],
+    [(Discarded, True), (ReadBefore, False), (InplaceModules, False), (ReadsShape, True)],
 )
 def test_every_split_of_an_inplace_graph_matches_eager(
     factory: type[nn.Module], trainable: bool
@@ -137,11 +162,18 @@ def test_safe_inplace_modules_need_no_rewrite() -> None:
     assert functionalize_inplace(torch.fx.symbolic_trace(InplaceModules())) == 0
 
 
-@pytest.mark.parametrize("factory", [MutatesView, CountsCalls])
-def test_observable_mutations_go_to_export(factory: type[nn.Module]) -> None:
+@pytest.mark.parametrize(
+    ("factory", "why"),
+    [
+        (MutatesView, "shares memory.*mode='export'"),
+        (CountsCalls, "changes buffer.*mode='export'"),
+        (AssignsInto, "item assignment"),  # torch.fx itself refuses x[...] = v on a Proxy
+    ],
+)
+def test_observable_mutations_go_to_export(factory: type[nn.Module], why: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 8)
-    with pytest.raises(TraceError, match="fx: TypeError: .*mode='export'"):
+    with pytest.raises(TraceError, match=f"fx: TypeError: .*{why}"):
         trace(factory(), (x,), mode="fx")
     model = factory()
     reference = copy.deepcopy(model)
