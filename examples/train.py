@@ -2,10 +2,11 @@
 
     python examples/train.py [--steps 5] [--devices 2] [--chunks 4] [--backward pipelined]
 
-A plain training loop (SGD with momentum, next-token cross-entropy) runs on a `ModelSplitter` and, in
-lockstep, on an unsplit copy of the same model. The split model's losses and weights must
-track the unsplit model's step for step: splitting changes where the work runs, not what
-it computes. The model is in eval mode (no dropout), so both see the same computation.
+A plain training loop (SGD with momentum, next-token cross-entropy) runs on a
+`ModelSplitter` and, in lockstep, on an unsplit copy of the same model. The split model's
+losses and weights must track the unsplit model's step for step: splitting changes where
+the work runs, not what it computes. The model is in eval mode (no dropout), so both see
+the same computation.
 (SGD rather than Adam for the lockstep check: Adam divides by the gradient's running
 magnitude, so a gradient that is zero up to rounding, such as attention's key bias, turns
 rounding noise into full-size steps on both sides, differently.)
