@@ -345,6 +345,10 @@ class ModelSplitter(nn.Module):
     pipelined over micro-batches, instead of autograd's one thread on the CPU
     ([Note: pipelined backward] in `runtime.backward`).
 
+    ``deferred_batch_norm=True`` updates BatchNorm running statistics once per call with
+    the whole batch's statistics, as the unsplit model would, rather than once per
+    micro-batch ([Note: deferred batch norm] in `runtime.batchnorm`).
+
     ``on_failure="replan"`` survives a lost device mid-call: the plan is solved again on
     the surviving devices from the cached CostGraph, the lost weights come back from
     ``recovery`` ("host-copy": a CPU copy of accelerator-resident weights; "state-dict": the
@@ -383,6 +387,7 @@ class ModelSplitter(nn.Module):
         state_dict_path: str | None = None,
         plan: Plan | None = None,
         backward: str = "autograd",
+        deferred_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -432,6 +437,7 @@ class ModelSplitter(nn.Module):
         self.checkpoint = checkpoint
         self.reducer = reducer
         self.backward = backward
+        self.deferred_batch_norm = deferred_batch_norm
         self.on_failure = on_failure
         self.stage_timeout = stage_timeout
         self.recovery = recovery
@@ -552,6 +558,7 @@ class ModelSplitter(nn.Module):
             on_failure=self.on_failure,
             replan=replan,
             backward=self.backward,
+            deferred_batch_norm=self.deferred_batch_norm,
             stage_timeout=self.stage_timeout,
         )
         pipeline.__dict__["device_names"] = list(plan.devices)  # runtime.faults.device_names

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from runtime import backward as _backward
+from runtime.batchnorm import DeferredBatchNorm
 from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed, rng_locks
 from runtime.errors import StageError
 from runtime.faults import StageTimeout
@@ -97,6 +98,10 @@ class Pipeline(nn.Module):
     pipelined over micro-batches, when the caller calls ``backward()`` on the output; the
     default ``"autograd"`` leaves backward to autograd, which on the CPU runs the stages one
     after another on the calling thread ([Note: pipelined backward] in `runtime.backward`).
+
+    ``deferred_batch_norm=True`` updates the running statistics of BatchNorm layers once per
+    call, with the whole batch's statistics, instead of once per micro-batch
+    ([Note: deferred batch norm] in `runtime.batchnorm`).
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class Pipeline(nn.Module):
         replan: Replan | None = None,
         stage_timeout: float | None = None,
         backward: str = "autograd",
+        deferred_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if len(stages) == 0:
@@ -147,6 +153,8 @@ class Pipeline(nn.Module):
                     "(on_failure='replan'): use backward='autograd' with it"
                 )
         self.backward = backward
+        # BatchNorm running statistics: once per call ([Note: deferred batch norm]).
+        self._deferred = DeferredBatchNorm(stages) if deferred_batch_norm else None
         # Inputs each stage mutates in place: the pipelined backward hands it a private copy.
         self._mutated = [mutated_inputs(stage) for stage in stages]
         self.chunks = chunks
@@ -188,11 +196,15 @@ class Pipeline(nn.Module):
             for d, s, t in zip(self.devices, self._streams, self._threads, strict=True)
         ]
         threads_before = torch.get_num_threads()
+        deferred = self._deferred.deferred() if self._deferred else contextlib.nullcontext()
         try:
-            with spawn_workers(specs, hook=self.on_task, join_timeout=self.stage_timeout) as (
-                in_queues,
-                out_queue,
-                _,
+            with (
+                deferred,
+                spawn_workers(specs, hook=self.on_task, join_timeout=self.stage_timeout) as (
+                    in_queues,
+                    out_queue,
+                    _,
+                ),
             ):
                 run.start(in_queues, out_queue)
         finally:
