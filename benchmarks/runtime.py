@@ -142,9 +142,15 @@ def main() -> None:
     for name, seconds, ratio in rows:
         print(f"{name:<50} {seconds * 1e3:>8.1f} {ratio:>8.2f}x")
     best = max(s / p for s, p in zip(serial, piped, strict=True))
+    # What share of the two cores' own ceiling the pipeline reaches, round by round.
+    efficiency = statistics.median(f / p for f, p in zip(free, piped, strict=True))
     print(
         f"pipeline speed-up {speedup:.2f}x, best round {best:.2f}x "
         f"(fixed-thread GPipe bound {bound:.2f}x, target 1.60x); load average {_load()}"
+    )
+    print(
+        f"pipeline reaches {100 * efficiency:.0f}% of the free-running ceiling "
+        f"(free-running time / pipeline time, median of rounds)"
     )
     print(f"per-hop overhead, identity stages, 64 micro-batches: {hop2 * 1e6:.1f} us (2 stages),")
     print(f"                                                     {hop4 * 1e6:.1f} us (4 stages)")
