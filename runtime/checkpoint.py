@@ -28,6 +28,7 @@ mode, RReLU); a plain module that calls ``torch.rand`` in its own forward is not
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -94,7 +95,18 @@ def _is_random_name(name: str) -> bool:
     return any(word in name for word in _RANDOM_WORDS)
 
 
+# GraphModule -> whether its graph draws random numbers; graphs do not change once split.
+_GRAPH_RANDOM: weakref.WeakKeyDictionary[torch.fx.GraphModule, bool] = weakref.WeakKeyDictionary()
+
+
 def _graph_draws_random(gm: torch.fx.GraphModule) -> bool:
+    found = _GRAPH_RANDOM.get(gm)
+    if found is None:
+        found = _GRAPH_RANDOM[gm] = _scan(gm)
+    return found
+
+
+def _scan(gm: torch.fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         if node.op == "call_function":
             target = node.target

@@ -190,7 +190,8 @@ class Pipeline(nn.Module):
         batches, sizes = scatter(env, self.chunks)
         record = self.last_run = RunRecord(sizes)
         run = _Run(self, [dict(b) for b in batches], record)
-        caller = [dict(b) for b in batches]
+        # The caller's values per micro-batch, for the pipelined backward's input gradients.
+        caller = [dict(b) for b in batches] if run.graphs is not None else []
         specs = [
             WorkerSpec(d, s, t)
             for d, s, t in zip(self.devices, self._streams, self._threads, strict=True)
