@@ -19,10 +19,13 @@ inputs' signature in ``gm.meta["modelsplit_signature"]``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import operator
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -244,6 +247,35 @@ def _dynamic_shapes(signature: inspect.Signature, args: Args, kwargs: Kwargs) ->
     return pytree.tree_map(spec, dict(signature.bind(*args, **kwargs).arguments))
 
 
+# A failed export logs warnings and prints its partial graph to stderr; trace reports the
+# failure itself (a TraceError with each mode's cause), so that is noise unless debugging.
+# What a successful export writes to stderr is passed on.
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet_torch_export() -> Iterator[None]:
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        logger.debug("export wrote to stderr: %s", captured.getvalue())
+        raise
+    else:
+        sys.stderr.write(captured.getvalue())
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
 def _trace_export(
     model: nn.Module, args: Args, kwargs: Kwargs, leaves: Sequence[LeafSpec]
 ) -> fx.GraphModule:
@@ -261,7 +293,8 @@ def _trace_export(
         dynamic = _dynamic_shapes(inspect.signature(model.forward), args, kwargs)
     except TypeError:  # forward signature hidden behind a wrapper: export decides
         signature = None
-    ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+    with _quiet_torch_export():
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
     try:  # the guard node would read every input: the binder checks constants instead
         gm = ep.module(check_guards=False)
     except TypeError:  # torch < 2.9 has no guard node
