@@ -247,3 +247,20 @@ def test_fx_that_would_train_other_parameters_goes_to_export() -> None:
     assert gm.meta["modelsplit_mode"] == "export"
     gm(x).pow(2).mean().backward()
     assert model.a.weight.grad is None and model.b.weight.grad is not None
+
+
+class _BranchesOnValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return h * 2 if h.sum() > 0 else h
+
+
+def test_failed_export_prints_no_graph_dump(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(TraceError, match="export: GuardOnDataDependentSymNode"):
+        trace(_BranchesOnValues(), (torch.randn(8, 4),))
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "Unable to find user code" not in err
