@@ -113,6 +113,11 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
         if t is None:
             continue
         what = f"in-place {_describe(m)} (node {m.name!r}) mutates {t.name!r}"
+        if isinstance(m.kwargs.get("out"), fx.Node):
+            raise TypeError(
+                f"{what} through out=, so nothing returns the result for later nodes to read "
+                f"instead; trace with mode='export'"
+            )
         if m.target is operator.setitem:
             raise TypeError(
                 f"{what} by assignment (x[...] = value), which returns nothing later nodes "

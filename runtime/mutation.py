@@ -37,6 +37,9 @@ _NOT_MUTATING = {"requires_grad_", "share_memory_", "retain_grad_", "pin_memory_
 def mutated_arg(node: fx.Node, root: torch.nn.Module) -> fx.Node | None:
     """The node whose tensor ``node`` mutates in place, or None."""
     target = node.target
+    out = node.kwargs.get("out")
+    if node.op in ("call_function", "call_method") and isinstance(out, fx.Node):
+        return out  # torch.add(a, b, out=c) writes c
     first = node.args[0] if node.args else None
     if not isinstance(first, fx.Node):
         return None

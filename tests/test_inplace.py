@@ -96,6 +96,17 @@ class AssignsInto(nn.Module):
         return self.b(h)
 
 
+class WritesOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        torch.mul(x, 2, out=h)  # writes h
+        return self.b(h)
+
+
 class ReadsShape(nn.Module):
     """``h.shape`` is metadata, not a view: the mutation of h stays an fx rewrite."""
 
@@ -196,3 +207,9 @@ def test_model_splitter_trains_an_inplace_model(backward: str) -> None:
     want.pow(2).mean().backward()
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_out_arguments_are_refused_by_fx() -> None:
+    # (eager autograd refuses out= on tensors that require grad too, so export cannot help)
+    with pytest.raises(TraceError, match="fx: TypeError: .*through out=.*mode='export'"):
+        trace(WritesOut(), (torch.randn(4, 8),), mode="fx")
