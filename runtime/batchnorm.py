@@ -14,8 +14,10 @@ unsplit model's would (up to rounding), ``num_batches_tracked`` grows by one per
 
 Applies to BatchNorm modules (fx traces keep them as modules); an export-traced graph has
 its batch norms as operators and is left as is, with a warning. A call that fails leaves
-the statistics as they were. A checkpointed stage that recomputes a BatchNorm layer in
-backward updates its statistics again, as `torch.utils.checkpoint` does without a pipeline.
+the statistics as they were; with ``on_failure="replan"``, a call that meets a device
+failure updates them from the micro-batches it re-runs only. A checkpointed stage that
+recomputes a BatchNorm layer in backward updates its statistics again, as
+`torch.utils.checkpoint` does without a pipeline.
 """
 
 from __future__ import annotations
