@@ -23,12 +23,11 @@ costs memory on each such device, never bandwidth (see [Note: weights do not tra
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import networkx as nx
@@ -39,7 +38,7 @@ import torch.utils._pytree as pytree
 from partitioner.errors import ModelSplitError
 from partitioner.measure import measure, nbytes, tensor_key
 from partitioner.program import program_of
-from partitioner.verify import batch_size
+from partitioner.verify import batch_size, preserved_state
 
 __all__ = ["COSTS", "DEFAULT_MEM_BANDWIDTH", "DEFAULT_PEAK_FLOPS", "profile"]
 
@@ -93,7 +92,8 @@ def profile(
     values = program.bind(args, kwargs)
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     try:
-        with _no_state_change(gm):
+        # Several runs of the graph: BatchNorm statistics and the RNG come out unchanged.
+        with preserved_state(gm):
             found = measure(
                 gm,
                 [values[name] for name in program.inputs],
@@ -132,22 +132,6 @@ def profile(
         micro,
     )
     return graph
-
-
-@contextlib.contextmanager
-def _no_state_change(gm: fx.GraphModule) -> Iterator[None]:
-    """Profiling runs the graph several times: BatchNorm statistics, step counters and the
-    RNG stream come out as they went in (the graph's buffers are the model's)."""
-    saved = [(buf, buf.detach().clone()) for buf in gm.buffers() if not buf.is_meta]
-    devices = sorted({buf.device.index or 0 for buf, _ in saved if buf.device.type == "cuda"})
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for buf, old in saved:
-                if buf.shape == old.shape:
-                    buf.copy_(old)
 
 
 def _micro_batch(args: tuple[Any, ...], kwargs: dict[str, Any], chunks: int) -> tuple[int, int]:

@@ -14,7 +14,14 @@ import torch.utils._pytree as pytree
 from partitioner.errors import TraceError
 from partitioner.program import run_program
 
-__all__ = ["CHECK_ROWS", "batch_size", "check_gradients", "check_outputs", "sync_state_dict"]
+__all__ = [
+    "CHECK_ROWS",
+    "batch_size",
+    "check_gradients",
+    "check_outputs",
+    "preserved_state",
+    "sync_state_dict",
+]
 
 CHECK_ROWS = 2  # outputs are compared on this many rows of the example batch
 GRAD_CHECK_BYTES = 1 << 30  # eval-mode models with more parameter bytes skip check_gradients
@@ -71,15 +78,21 @@ def _is_meta(model: nn.Module, args: Args, kwargs: Kwargs) -> bool:
 
 
 @contextlib.contextmanager
-def _no_side_effects(model: nn.Module) -> Iterator[None]:
-    """Same RNG stream for both runs, and buffers (BatchNorm statistics) restored after."""
-    saved = {n: b.clone() for n, b in model.named_buffers()} if model.training else {}
-    with torch.random.fork_rng(devices=[]):
-        yield
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name in saved:
-                buf.copy_(saved[name])
+def preserved_state(module: nn.Module) -> Iterator[None]:
+    """Run code that calls ``module`` without leaving a trace: its buffers (BatchNorm
+    statistics, step counters) are put back afterwards, even on an error, and the RNG
+    stream is forked (the CPU's, and those of the CUDA devices holding its buffers)."""
+    saved = {name: buf.detach().clone() for name, buf in module.named_buffers() if not buf.is_meta}
+    devices = sorted({b.device.index or 0 for b in saved.values() if b.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, buf in module.named_buffers():
+                old = saved.get(name)
+                if old is not None and old.shape == buf.shape:
+                    buf.copy_(old)
 
 
 def _rows(args: Args, kwargs: Kwargs, rows: int) -> tuple[Args, Kwargs]:
@@ -99,7 +112,7 @@ class _ModelFailed(Exception):
 
 
 def _both(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> tuple[Any, Any]:
-    with torch.no_grad(), _no_side_effects(model):
+    with torch.no_grad(), preserved_state(model):
         torch.manual_seed(0)
         try:
             expected = model(*args, **kwargs)
@@ -158,7 +171,7 @@ def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kw
         return
 
     def grads(run: Any, call: tuple[Args, Kwargs]) -> tuple[torch.Tensor | None, ...] | None:
-        with torch.enable_grad(), _no_side_effects(model):
+        with torch.enable_grad(), preserved_state(model):
             torch.manual_seed(0)
             out = run(*call)
             leaves = [
