@@ -600,6 +600,12 @@ def test_rng_locks_only_where_a_generator_is_shared_under_checkpointing() -> Non
             return nn.functional.dropout(x, 0.1, training=True) + torch.rand_like(x)
 
     assert draws_random(torch.fx.symbolic_trace(Functional()))  # call_function targets
+
+    class Deterministic(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.normalize(nn.functional.layer_norm(x, (2,)), dim=1)
+
+    assert not draws_random(torch.fx.symbolic_trace(Deterministic()))
     cpu = [torch.device("cpu")] * 3
     locks = rng_locks([drop, plain, drop], cpu, [2, 2, 2])
     assert locks[0] is not None and locks[0] is locks[2] and locks[1] is None
