@@ -23,6 +23,7 @@ from tests.test_hf import bert, gpt2, ids, llama, t5  # noqa: E402
         (bert, 3, 2, "autograd"),
         (llama, 4, 4, "autograd"),
         # BERT's pooler output is unused by the loss: its parameters must keep grad None.
+        (gpt2, 2, 3, "pipelined"),  # the LM head tied to the embedding
         (bert, 3, 2, "pipelined"),
         (llama, 4, 4, "pipelined"),
     ],
