@@ -91,7 +91,7 @@ def trace(
             gm = _TRACERS[name](model, args, kwargs, leaf_modules)
             sync_state_dict(model, gm)
             check_outputs(model, gm, args, kwargs)
-            if name == "fx":  # fx drops autograd contexts such as torch.no_grad()
+            if name == "fx" and model.training:  # fx drops contexts such as no_grad()
                 check_gradients(model, gm, args, kwargs)
         except Exception as exc:
             logger.debug("trace %s: %s failed", type(model).__name__, name, exc_info=True)

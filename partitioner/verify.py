@@ -24,7 +24,6 @@ __all__ = [
 ]
 
 CHECK_ROWS = 2  # outputs are compared on this many rows of the example batch
-GRAD_CHECK_BYTES = 1 << 30  # eval-mode models with more parameter bytes skip check_gradients
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
 
@@ -157,17 +156,13 @@ def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kw
     fx does not record autograd contexts: ``torch.no_grad()`` or ``torch.enable_grad()``
     inside forward vanish from the graph, which then trains parameters the model does not
     (or the other way round) with outputs that match. A mismatch is a TypeError naming the
-    first parameter, so ``mode="auto"`` moves on to export, which records them. Skipped for
-    models in eval mode with over `GRAD_CHECK_BYTES` of parameters (their gradients would
-    double the memory of a model planned for inference).
+    first parameter, so ``mode="auto"`` moves on to export, which records them. `trace`
+    runs it for models in training mode only: an eval-mode model is planned for inference,
+    where such a graph is right, and its gradients could double its memory.
     """
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or _is_meta(model, args, kwargs):
-        return
-    # The check holds a gradient per parameter: skip it for a large model in eval mode,
-    # which is planned for inference and may only just fit in memory once.
-    if not model.training and sum(p.numel() * p.element_size() for p in params) > GRAD_CHECK_BYTES:
         return
 
     def grads(run: Any, call: tuple[Args, Kwargs]) -> tuple[torch.Tensor | None, ...] | None:
