@@ -134,7 +134,7 @@ def attach(
     ]
     for i, env in enumerate(caller):
         graphs.record(i, list(env), list(env.values()))
-    state = _State(pipe, graphs, stage_params, list(params.values()), slices, pieces, ends)
+    state = _State(pipe, graphs, stage_params, list(params.values()), slices, ends)
     state.gathered = [flat[k][0][idx] for k, idx in diff]
     outs = _PipelineOutput.apply(state, *params.values(), *(s[3] for s in slices))
     leaves = [[x.detach() if isinstance(x, torch.Tensor) else x for x in ls] for ls, _ in flat]
@@ -173,14 +173,13 @@ class _State:
         stage_params: list[list[torch.Tensor]],
         params: list[torch.Tensor],
         slices: list[tuple[int, str, int, torch.Tensor]],
-        pieces: list[list[Any]],
         ends: list[list[Any]],
     ) -> None:
         self.pipe, self.graphs = pipe, graphs
         self.stage_params, self.params, self.slices = stage_params, params, slices
-        self.pieces, self.ends = pieces, ends
+        self.ends = ends
         self.gathered: list[torch.Tensor] = []
-        self.m, self.n = len(pieces), len(pipe.stages)
+        self.m, self.n = len(ends), len(pipe.stages)
         # pending[(i, name)]: summed gradients of value ``name`` of micro-batch i, per leaf
         self.pending: dict[tuple[int, str], list[torch.Tensor | None]] = {}
         # stage_grads[j][id(p)]: parameter p's gradient summed over stage j's tasks so far

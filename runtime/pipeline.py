@@ -156,7 +156,9 @@ class Pipeline(nn.Module):
         # BatchNorm running statistics: once per call ([Note: deferred batch norm]).
         self._deferred = DeferredBatchNorm(stages) if deferred_batch_norm else None
         # Inputs each stage mutates in place: the pipelined backward hands it a private copy.
-        self._mutated = [mutated_inputs(stage) for stage in stages]
+        self._mutated = [
+            mutated_inputs(stage) if backward == "pipelined" else frozenset() for stage in stages
+        ]
         self.chunks = chunks
         self.checkpoint = checkpoint
         self.reducer = reducer
