@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.models import mlp  # noqa: E402
 from partitioner import auto_partition  # noqa: E402
-from partitioner.plan import Plan  # noqa: E402
+from partitioner.planner.plan import Plan  # noqa: E402
 from runtime import Pipeline  # noqa: E402
 from runtime.distributed import split_for_ranks  # noqa: E402
 

@@ -6,12 +6,13 @@ Usage::
     python benchmarks/planner.py --quick          # CI-sized graphs (~1 minute)
     python benchmarks/planner.py --measure-optimum  # the long exact solves behind OPTIMUM
 
-Graphs come from `partitioner.trace` (torch.export) and `partitioner.profile` with
-``cost="flops"`` (deterministic: FLOPs / 100 TFLOP/s + bytes / 1 TB/s, no timing),
-at batch 8 x 128 tokens (images: batch 8 x 224^2), built on the meta device.
+Graphs come from `partitioner.capture.tracer` (torch.export) and
+`partitioner.profiling.costgraph` with ``cost="flops"`` (deterministic: FLOPs / 100 TFLOP/s
++ bytes / 1 TB/s, no timing), at batch 8 x 128 tokens (images: batch 8 x 224^2), built on
+the meta device.
 
 Parameters and inputs (``get_attr``, ``placeholder``) get ``out_bytes = 0`` here:
-`partitioner.split` re-materialises a parameter in every stage that reads it and
+`partitioner.splitting.cut` re-materialises a parameter in every stage that reads it and
 hands model inputs to every stage, so they never travel between stages per
 micro-batch. Left at their size, GPT-2's tied embedding (154 MB) would be charged
 to the LM head's stage on every micro-batch and the best plan would be one stage.
@@ -34,9 +35,9 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from partitioner.baselines import POLICIES, baseline  # noqa: E402
-from partitioner.coarsen import coarsen  # noqa: E402
-from partitioner.solve import solve  # noqa: E402
+from partitioner.planner.baselines import POLICIES, baseline  # noqa: E402
+from partitioner.planner.coarsen import coarsen  # noqa: E402
+from partitioner.planner.solver import solve  # noqa: E402
 
 BANDWIDTH = 12e9  # bytes/s between stages (DEFAULT_BANDWIDTH, PCIe-like)
 
@@ -66,8 +67,8 @@ class Case:
 
 
 def _export(model: object, args: tuple[object, ...]) -> nx.DiGraph:
-    from partitioner.profile import profile
-    from partitioner.trace import trace
+    from partitioner.capture.tracer import trace
+    from partitioner.profiling.costgraph import profile
 
     gm = trace(model, args, mode="export")  # type: ignore[arg-type]
     graph = profile(gm, args, cost="flops")

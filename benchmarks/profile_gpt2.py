@@ -32,8 +32,8 @@ def main() -> None:
 
     import transformers
 
-    from partitioner.profile import profile
-    from partitioner.trace import trace
+    from partitioner.capture.tracer import trace
+    from partitioner.profiling.costgraph import profile
 
     config = transformers.GPT2Config(use_cache=False)  # GPT-2 small: 12 layers, 768 wide
     model = transformers.GPT2LMHeadModel(config).eval()

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import MyModel  # noqa: E402
 
 from partitioner import ModelSplitter  # noqa: E402
-from partitioner.render import stage_table, summary  # noqa: E402
+from partitioner.cli.render import stage_table, summary  # noqa: E402
 
 
 def show_plan(splitter: ModelSplitter, console: Console) -> None:

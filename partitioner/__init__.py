@@ -1,26 +1,25 @@
 """modelsplit's planner: trace, profile, solve and split a PyTorch model across devices.
 
-The planner core (`cost`, `plan`, `solve`, `coarsen`, `baselines`) imports no torch;
-the names that need torch are loaded on first use, so ``import partitioner`` is cheap.
+One subpackage per pass (docs/architecture.md): `capture` (trace), `profiling` (profile),
+`planner` (coarsen and solve: no torch), `splitting` (split); `splitter` strings them
+together behind ``ModelSplitter``, `cli` behind ``modelsplit``. The names that need torch
+are loaded on first use, so ``import partitioner`` stays cheap and torch-free.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-from partitioner.cost import DeviceSpec, evaluate
 from partitioner.errors import InfeasiblePlanError, ModelSplitError, PlanError, TraceError
-from partitioner.plan import Plan
+from partitioner.planner.cost import DeviceSpec, evaluate
+from partitioner.planner.plan import Plan
 
 if TYPE_CHECKING:
-    from partitioner.profile import profile
-    from partitioner.solve import solve
-    from partitioner.split import split
+    from partitioner.capture.tracer import trace
+    from partitioner.planner.solver import solve
+    from partitioner.profiling.costgraph import profile
     from partitioner.splitter import ModelSplitter, auto_partition
-    from partitioner.trace import trace
+    from partitioner.splitting.cut import split
 
 __all__ = [
     "DeviceSpec",
@@ -38,37 +37,36 @@ __all__ = [
     "trace",
 ]
 
-_LAZY = {
-    "trace": "partitioner.trace",
-    "profile": "partitioner.profile",
-    "solve": "partitioner.solve",
-    "split": "partitioner.split",
-    "ModelSplitter": "partitioner.splitter",
-    "auto_partition": "partitioner.splitter",
-}
-
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'partitioner' has no attribute {name!r}")
+    # No submodule of this package shares a name with these functions, so importing a
+    # submodule never shadows them; each is imported the first time it is asked for.
+    value: Any
+    if name == "trace":
+        from partitioner.capture.tracer import trace
 
+        value = trace
+    elif name == "profile":
+        from partitioner.profiling.costgraph import profile
 
-class _Package(types.ModuleType):
-    """Keeps ``partitioner.trace`` the function when the module of that name is imported.
+        value = profile
+    elif name == "solve":
+        from partitioner.planner.solver import solve
 
-    Importing a submodule sets it as an attribute of its package, which would make
-    ``from partitioner import trace`` return the module ``partitioner.trace`` rather
-    than the function once anything had imported that module. Submodules stay
-    reachable through ``from partitioner.trace import ...`` (sys.modules).
-    """
+        value = solve
+    elif name == "split":
+        from partitioner.splitting.cut import split
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
+        value = split
+    elif name == "ModelSplitter":
+        from partitioner.splitter import ModelSplitter
 
+        value = ModelSplitter
+    elif name == "auto_partition":
+        from partitioner.splitter import auto_partition
 
-sys.modules[__name__].__class__ = _Package
+        value = auto_partition
+    else:
+        raise AttributeError(f"module 'partitioner' has no attribute {name!r}")
+    globals()[name] = value
+    return value

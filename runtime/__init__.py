@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from runtime.errors import StageError
-from runtime.faults import DeviceFailure, RecoveryError, StageTimeout, inject_failure
 from runtime.pipeline import Pipeline, RunRecord
+from runtime.recovery.drill import inject_failure
+from runtime.recovery.faults import DeviceFailure, RecoveryError, StageTimeout
 from runtime.schedule import clock_cycles, format_schedule
 
 __all__ = [

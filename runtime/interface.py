@@ -1,4 +1,4 @@
-"""The stage interface shared by `partitioner.split` and the runtimes.
+"""The stage interface shared by `partitioner.splitting.cut` and the runtimes.
 
 [Note: stage interface]
 `split(gm, plan)` returns one `torch.fx.GraphModule` per stage. Each carries a

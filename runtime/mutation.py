@@ -1,6 +1,6 @@
 """Which ops of an fx graph mutate a tensor in place (shared by trace and runtime).
 
-`partitioner.inplace` turns such mutations into data flow after fx tracing; the pipelined
+`partitioner.capture.inplace` turns such mutations into data flow after fx tracing; the pipelined
 backward (`runtime.backward`) gives a stage a private copy of an input it mutates, since
 the input it receives is a leaf of the task's own graph and autograd forbids changing a
 leaf in place.

@@ -16,10 +16,10 @@ from runtime import backward as _backward
 from runtime.batchnorm import DeferredBatchNorm
 from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed, rng_locks
 from runtime.errors import StageError
-from runtime.faults import StageTimeout
 from runtime.interface import Const
 from runtime.microbatch import REDUCERS, Reducer, gather, scatter
 from runtime.mutation import mutated_inputs
+from runtime.recovery.faults import StageTimeout
 from runtime.route import route_for
 from runtime.schedule import clock_cycles
 from runtime.stream import Event, as_device, new_stream, record_event
@@ -41,8 +41,8 @@ __all__ = ["Pipeline", "RunRecord"]
 log = logging.getLogger(__name__)
 
 DeviceLike = str | torch.device
-# Called with (the pipeline that failed, a `runtime.resume.Failure`); returns the pipeline
-# that replaces it. See `runtime.resume`.
+# Called with (the pipeline that failed, a `runtime.recovery.resume.Failure`); returns the pipeline
+# that replaces it. See `runtime.recovery.resume`.
 Replan = Callable[[Any, Any], Any]
 
 
@@ -78,8 +78,8 @@ def _device(device: DeviceLike) -> torch.device:
 class Pipeline(nn.Module):
     """Run ``stages`` as a GPipe pipeline: stage j on ``devices[j]``, ``chunks`` micro-batches.
 
-    ``stages`` are either the GraphModules of `partitioner.split` (each with a `StageIO`) or
-    plain modules run as a sequence. The caller places parameters; the pipeline moves
+    ``stages`` are either the GraphModules of `partitioner.splitting.cut` (each with a
+    `StageIO`) or plain modules run as a sequence. The caller places parameters; the pipeline moves
     activations to each consumer's device. ``checkpoint`` is a mode ("never", "except_last",
     "always") or one per stage; ``reducer`` ("mean", "sum" or a callable) combines outputs
     without a batch dimension; ``threads`` overrides the intra-op threads of CPU stages (an
@@ -87,12 +87,12 @@ class Pipeline(nn.Module):
     micro-batch i; what it raises fails that task. ``last_run`` is the `RunRecord` of the
     latest call.
 
-    Fault tolerance (`runtime.resume`): ``on_failure="replan"`` survives a device failure
-    (`runtime.faults.is_device_failure`): ``replan(pipeline, failure)`` returns the pipeline
-    to continue on (default: the failed stage moves onto a surviving neighbour's device), the
-    micro-batches that did not complete run again on it, and later calls use it.
+    Fault tolerance (`runtime.recovery.resume`): ``on_failure="replan"`` survives a device
+    failure (`runtime.recovery.faults.is_device_failure`): ``replan(pipeline, failure)`` returns
+    the pipeline to continue on (default: the failed stage moves onto a surviving neighbour's
+    device), the micro-batches that did not complete run again on it, and later calls use it.
     ``stage_timeout`` (seconds) turns a worker that sends no result for that long into a
-    `runtime.faults.StageTimeout`; its thread is left behind if it never stops.
+    `runtime.recovery.faults.StageTimeout`; its thread is left behind if it never stops.
 
     ``backward="pipelined"`` (CPU stages only) runs each stage's backward in its own worker,
     pipelined over micro-batches, when the caller calls ``backward()`` on the output; the
@@ -179,7 +179,7 @@ class Pipeline(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Scatter the call into micro-batches, run them through the stages, gather."""
         if self.on_failure == "replan":
-            from runtime.resume import resume
+            from runtime.recovery.resume import resume
 
             return resume(self, args, kwargs)
         return self.run(*args, **kwargs)

@@ -4,7 +4,7 @@ A `Route` gives every value a name, says which stage produces it (-1: the caller
 after which stage nobody needs it anymore, so the pipeline keeps one small environment
 ``{name: value}`` per micro-batch. Two kinds of stages map onto it:
 
-- stages from `partitioner.split`, which carry a `StageIO` (see [Note: stage interface]);
+- stages from `partitioner.splitting.cut`, which carry a `StageIO` (see [Note: stage interface]);
 - plain modules run as a sequence, like torchgpipe: stage 0 takes the call's arguments,
   the output of stage j feeds stage j+1, a tuple is splatted into positional arguments.
 """
@@ -88,7 +88,7 @@ def _stageio_call(j: int, n_out: int) -> Call:
 
 
 def stageio_route(ios: Sequence[StageIO]) -> Route:
-    """The route of stages built by `partitioner.split`."""
+    """The route of stages built by `partitioner.splitting.cut`."""
     program = ios[0].program
     for j, io in enumerate(ios):
         if io.stage != j:

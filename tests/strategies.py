@@ -13,7 +13,7 @@ from typing import Any
 import networkx as nx
 from hypothesis import strategies as st
 
-from partitioner.cost import DeviceSpec
+from partitioner.planner.cost import DeviceSpec
 
 __all__ = [
     "chains",

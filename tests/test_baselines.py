@@ -9,8 +9,8 @@ import pytest
 from strategies import transformer_graph
 
 from partitioner import DeviceSpec, InfeasiblePlanError, evaluate
-from partitioner.baselines import POLICIES, baseline
-from partitioner.solve import solve
+from partitioner.planner.baselines import POLICIES, baseline
+from partitioner.planner.solver import solve
 
 
 def layered(blocks: int = 4, lm_head: float = 1.0) -> nx.DiGraph:

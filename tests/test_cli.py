@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from partitioner.cli import EXIT_ERROR, EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, main
-from partitioner.plan import Plan
+from partitioner.planner.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = str(ROOT / "examples" / "models.py") + ":mlp"

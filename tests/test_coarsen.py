@@ -6,12 +6,12 @@ import networkx as nx
 from strategies import transformer_graph
 
 from partitioner import evaluate
-from partitioner.coarsen import coarsen, identity, reduce_exact, uncoarsen
-from partitioner.cost import NODE_ATTRS
+from partitioner.planner.coarsen import coarsen, identity, reduce_exact, uncoarsen
+from partitioner.planner.cost import NODE_ATTRS
 
 
 def _check(g: nx.DiGraph, c: object) -> None:
-    from partitioner.coarsen import Coarsening
+    from partitioner.planner.coarsen import Coarsening
 
     assert isinstance(c, Coarsening)
     assert nx.is_directed_acyclic_graph(c.graph)

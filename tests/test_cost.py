@@ -8,7 +8,7 @@ import networkx as nx
 import pytest
 
 from partitioner import DeviceSpec, evaluate
-from partitioner.cost import (
+from partitioner.planner.cost import (
     check_bandwidth,
     lower_bound,
     normalize_devices,

@@ -20,12 +20,12 @@ import pytest
 import torch
 from torch import nn
 
+from partitioner.capture.tracer import trace
 from partitioner.errors import ModelSplitError
-from partitioner.plan import Plan, make_plan
-from partitioner.split import split
-from partitioner.trace import trace
+from partitioner.planner.plan import Plan, make_plan
+from partitioner.splitting.cut import split
+from runtime.distributed.relay import boundaries, relay
 from runtime.interface import stage_io
-from runtime.relay import boundaries, relay
 
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -192,7 +192,7 @@ def test_check_prints_the_error_and_fails_beyond_the_tolerance(
 ) -> None:
     from types import SimpleNamespace
 
-    from runtime.distributed_cli import _check_forward, build_parser
+    from runtime.distributed.launch import _check_forward, build_parser
 
     args = build_parser().parse_args(["m.py:f", "--input-shape", "4,4", "--chunks", "2"])
     ref = SimpleNamespace(output=torch.ones(4, 4))

@@ -13,17 +13,17 @@ from torch import nn
 
 from examples.models import MLP
 from partitioner import ModelSplitter
-from partitioner.cost import DeviceSpec
-from partitioner.recovery import HostCopy, StateDictSource, lost_tensors, replan_plan
+from partitioner.planner.cost import DeviceSpec
+from partitioner.replan import HostCopy, StateDictSource, lost_tensors, replan_plan
 from runtime import Pipeline, StageError
-from runtime.faults import (
+from runtime.recovery.drill import inject_failure
+from runtime.recovery.faults import (
     DeviceFailure,
     RecoveryError,
     StageTimeout,
-    inject_failure,
     is_device_failure,
 )
-from runtime.resume import last_recovery
+from runtime.recovery.resume import last_recovery
 
 CHUNKS = 4
 DEVICES = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]

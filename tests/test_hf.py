@@ -11,10 +11,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from partitioner.cost import validate_graph
-from partitioner.profile import profile
-from partitioner.program import program_of
-from partitioner.trace import trace
+from partitioner.capture.binding import program_of
+from partitioner.capture.tracer import trace
+from partitioner.planner.cost import validate_graph
+from partitioner.profiling.costgraph import profile
 from runtime.interface import Const
 
 transformers = pytest.importorskip("transformers")

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from partitioner import ModelSplitter
-from partitioner.compose import run_stages
+from partitioner.capture.inplace import functionalize_inplace
+from partitioner.capture.tracer import trace
 from partitioner.errors import TraceError
-from partitioner.inplace import functionalize_inplace
-from partitioner.split import split
-from partitioner.trace import trace
+from partitioner.splitting.compose import run_stages
+from partitioner.splitting.cut import split
 from runtime import Pipeline
 from tests.test_split import COMPUTE, plan_for
 

@@ -9,8 +9,9 @@ import sys
 def test_planner_core_imports_no_torch() -> None:
     code = (
         "import sys\n"
-        "import partitioner, partitioner.cost, partitioner.plan, partitioner.solve\n"
-        "import partitioner.coarsen, partitioner.baselines\n"
+        "import partitioner, partitioner.planner.cost, partitioner.planner.plan\n"
+        "import partitioner.planner, partitioner.planner.solver\n"
+        "import partitioner.planner.coarsen, partitioner.planner.baselines\n"
         "from partitioner import solve, evaluate, DeviceSpec, Plan\n"
         "assert 'torch' not in sys.modules, 'the planner core imported torch'\n"
     )

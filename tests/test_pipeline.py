@@ -218,7 +218,7 @@ def test_stageio_must_be_in_order_and_complete() -> None:
 
 
 def test_real_split_if_available() -> None:
-    pytest.importorskip("partitioner.split")
+    pytest.importorskip("partitioner.splitting.cut")
     from partitioner import profile, solve, split, trace
 
     class Net(nn.Module):

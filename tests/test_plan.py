@@ -8,7 +8,7 @@ import networkx as nx
 import pytest
 
 from partitioner import DeviceSpec, Plan, PlanError, evaluate
-from partitioner.plan import SCHEMA, make_plan
+from partitioner.planner.plan import SCHEMA, make_plan
 
 
 def chain(n: int = 6) -> nx.DiGraph:

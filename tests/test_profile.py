@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from examples.models import MLP, MODELS, SMALL, small
-from partitioner.cost import validate_graph
+from partitioner.capture.binding import program_of
+from partitioner.capture.tracer import trace
 from partitioner.errors import ModelSplitError
-from partitioner.profile import profile
-from partitioner.program import program_of
-from partitioner.trace import trace
+from partitioner.planner.cost import validate_graph
+from partitioner.profiling.costgraph import profile
 
 NODE_ATTRS = {
     "time": float,

@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 from strategies import cost_graphs, device_lists
 
 from partitioner import InfeasiblePlanError, evaluate
-from partitioner.baselines import POLICIES, baseline
-from partitioner.coarsen import coarsen, uncoarsen
-from partitioner.cost import DeviceSpec
-from partitioner.heuristics import topo_order
-from partitioner.solve import solve
+from partitioner.planner.baselines import POLICIES, baseline
+from partitioner.planner.coarsen import coarsen, uncoarsen
+from partitioner.planner.cost import DeviceSpec
+from partitioner.planner.heuristics import topo_order
+from partitioner.planner.solver import solve
 
 GAP = 0.01
-solve_module = importlib.import_module("partitioner.solve")
+solve_module = importlib.import_module("partitioner.planner.solver")
 BW = st.sampled_from([1.0, 4.0, 100.0])
 SLOW = settings(suppress_health_check=[HealthCheck.too_slow])
 

@@ -10,9 +10,7 @@ import networkx as nx
 import pytest
 from rich.console import Console
 
-from partitioner.cost import DeviceSpec
-from partitioner.plan import make_plan
-from partitioner.render import (
+from partitioner.cli.render import (
     PALETTE,
     RenderError,
     fmt_bytes,
@@ -23,6 +21,8 @@ from partitioner.render import (
     stage_table,
     summary,
 )
+from partitioner.planner.cost import DeviceSpec
+from partitioner.planner.plan import make_plan
 
 
 def _graph() -> nx.DiGraph:

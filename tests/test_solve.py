@@ -10,12 +10,12 @@ import pytest
 from strategies import transformer_graph
 
 from partitioner import DeviceSpec, InfeasiblePlanError, evaluate
-from partitioner.baselines import POLICIES, baseline
-from partitioner.ilp import IlpResult, available_solvers, solve_ilp
-from partitioner.ilp_balanced import balanced
-from partitioner.solve import solve
+from partitioner.planner.balanced import balanced
+from partitioner.planner.baselines import POLICIES, baseline
+from partitioner.planner.ilp import IlpResult, available_solvers, solve_ilp
+from partitioner.planner.solver import solve
 
-solve_module = importlib.import_module("partitioner.solve")
+solve_module = importlib.import_module("partitioner.planner.solver")
 
 
 def chain(times: list[float], out: int = 10, mem: int = 0) -> nx.DiGraph:
@@ -164,7 +164,7 @@ def test_no_ilp_solution_returns_the_heuristic_plan(
 
     monkeypatch.setattr(solve_module, "solve_ilp", nothing)
     monkeypatch.setattr(solve_module, "fine_lower_bound", lambda *a, **k: 0.0)
-    with caplog.at_level(logging.WARNING, logger="partitioner.solve"):
+    with caplog.at_level(logging.WARNING, logger="partitioner.planner.solver"):
         plan = solve(chain([1.0, 2.0, 3.0]), 2)
     assert plan.status == "heuristic"
     assert "no solution" in caplog.text
@@ -184,9 +184,9 @@ def test_unproven_time_limit_is_feasible(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_warm_start_is_used_under_a_tiny_time_limit() -> None:
-    from partitioner.coarsen import identity
-    from partitioner.heuristics import index_graph
-    from partitioner.ilp_stages import level_of
+    from partitioner.planner.coarsen import identity
+    from partitioner.planner.heuristics import index_graph
+    from partitioner.planner.levels import level_of
 
     g = transformer_graph(3, hidden=64, seq=8, vocab=100, rate=1e9)
     level = level_of(identity(g), index_graph(g))

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from partitioner.compose import run_stages, shared_tensors, stage_summary
 from partitioner.errors import PlanError
-from partitioner.plan import Plan, make_plan
-from partitioner.split import program_from_graph, split
+from partitioner.planner.plan import Plan, make_plan
+from partitioner.splitting.compose import run_stages, shared_tensors, stage_summary
+from partitioner.splitting.cut import program_from_graph, split
 from runtime.interface import Const, stage_io
 
 COMPUTE = ("call_function", "call_method", "call_module")
@@ -413,12 +413,12 @@ def test_gpt2_gradients(gpt2: tuple[nn.Module, torch.fx.GraphModule]) -> None:
         torch.testing.assert_close(grads[name], p.grad, msg=name)
 
 
-# -- tests: partitioner.trace, kwargs, odd outputs, devices ----------------------
+# -- tests: partitioner.capture.tracer, kwargs, odd outputs, devices ----------------------
 
 
 @pytest.mark.parametrize("mode", ["fx", "export"])
 def test_traced_module_keeps_its_program(mode: str) -> None:
-    from partitioner.trace import trace
+    from partitioner.capture.tracer import trace
 
     model = DictOut()
     gm = trace(model, (torch.randn(4, 8),), mode=mode)
@@ -478,7 +478,7 @@ def test_attribute_and_input_returned_as_outputs() -> None:
 
 
 def test_retarget_rewrites_burnt_in_devices() -> None:
-    from partitioner.retarget import retarget
+    from partitioner.splitting.retarget import retarget
 
     model = Stateful().eval()
     gm = export(model, torch.randn(4, 8))
@@ -520,9 +520,9 @@ def test_symbolic_trace_with_pytree_concrete_args() -> None:
 @pytest.mark.parametrize("mode", ["fx", "export"])
 def test_trace_profile_solve_split(mode: str) -> None:
     """Plans from the real profile and solver split and run like the model."""
-    from partitioner.profile import profile
-    from partitioner.solve import solve
-    from partitioner.trace import trace
+    from partitioner.capture.tracer import trace
+    from partitioner.planner.solver import solve
+    from partitioner.profiling.costgraph import profile
 
     model = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(32, 32), nn.GELU())))
     x = torch.randn(8, 32)
@@ -551,7 +551,7 @@ class NoGrad(nn.Module):
 
 
 def test_higher_order_op_bodies_split_and_retarget() -> None:
-    from partitioner.retarget import retarget
+    from partitioner.splitting.retarget import retarget
 
     model = NoGrad()
     gm = export(model, torch.randn(4, 8))
@@ -574,7 +574,7 @@ def test_higher_order_op_bodies_split_and_retarget() -> None:
 def test_tied_weight_read_through_a_copy_keeps_gradients() -> None:
     # [Note: tied weights across devices]: the later stage reads the tie as weight.to(dev);
     # on the CPU the copy is the identity, so outputs and gradients must be unchanged.
-    from partitioner.retarget import read_through_copy
+    from partitioner.splitting.retarget import read_through_copy
 
     model = Tied()
     ids = torch.randint(0, 20, (3, 5))
@@ -590,7 +590,7 @@ def test_tied_weight_read_through_a_copy_keeps_gradients() -> None:
 
 
 def test_tied_weight_inside_a_called_module_cannot_be_copied() -> None:
-    from partitioner.retarget import read_through_copy
+    from partitioner.splitting.retarget import read_through_copy
 
     model = Tied()
     gm = torch.fx.symbolic_trace(model)
@@ -602,7 +602,7 @@ def test_tied_weight_inside_a_called_module_cannot_be_copied() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tied_weight_across_cpu_and_cuda_trains_like_the_unsplit_model() -> None:
-    from partitioner.splitter import place
+    from partitioner.splitting.retarget import place
 
     model = Tied()
     reference = copy.deepcopy(model)

@@ -12,9 +12,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from examples.models import MODELS, SMALL, Gate, small
+from partitioner.capture.binding import input_signature, program_of, run_program
+from partitioner.capture.tracer import trace
 from partitioner.errors import TraceError
-from partitioner.program import input_signature, program_of, run_program
-from partitioner.trace import trace
 from runtime.interface import Const, Program
 
 TRACEABLE = [name for name in SMALL if name != "data_dependent"]

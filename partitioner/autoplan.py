@@ -1,0 +1,202 @@
+"""auto_partition: trace -> profile -> solve, for one input signature of a model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from partitioner.capture.checks import batch_size
+from partitioner.capture.tracer import input_signature, trace
+from partitioner.devices import MemoryLike, resolve_devices, torch_device
+from partitioner.planner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec
+from partitioner.planner.plan import Plan
+from partitioner.planner.solver import solve
+from partitioner.profiling.costgraph import profile
+from partitioner.replan import HostCopy, StateDictSource
+from partitioner.splitting.compose import share_tensors
+from runtime.worker import available_cores, stage_threads
+
+__all__ = [
+    "Compiled",
+    "Options",
+    "auto_partition",
+    "default_chunks",
+    "signature_key",
+    "trace_profile_solve",
+    "weight_source",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Compiled:
+    """One traced, planned and split model for one input signature."""
+
+    plan: Plan
+    stages: list[torch.fx.GraphModule]
+    pipeline: Any
+    graph: Any  # the CostGraph, kept for re-planning without re-profiling
+    gm: Any = None  # the traced module, kept for re-splitting after a failure
+    generation: int = 0  # the device set it was planned for (see ModelSplitter.revive)
+
+
+def signature_key(args: Sequence[Any], kwargs: Mapping[str, Any], training: bool) -> Any:
+    """Input structure without the batch size: a new batch size reuses the plan. A size-1
+    tensor that broadcasts beside a larger batch is another structure than a batched one."""
+    batch = batch_size(tuple(args), dict(kwargs))
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            kind = "T1" if x.dim() >= 1 and x.shape[0] == 1 and (batch or 1) > 1 else "T"
+            return (kind, tuple(x.shape[1:]), str(x.dtype), x.dim())
+        if isinstance(x, list | tuple):
+            return (type(x).__name__, tuple(leaf(v) for v in x))
+        if isinstance(x, dict):
+            return ("dict", tuple((k, leaf(v)) for k, v in sorted(x.items())))
+        return ("C", repr(x))
+
+    return (leaf(tuple(args)), leaf(dict(kwargs)), training)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to trace, profile and solve; shared by ModelSplitter and auto_partition."""
+
+    objective: str = "throughput"
+    bandwidth: Bandwidth = DEFAULT_BANDWIDTH
+    solver: str | None = None
+    time_limit: float = 30.0
+    gap: float = 0.01
+    imbalance: float = 0.05
+    trace_mode: str = "auto"
+    leaf_modules: tuple[Any, ...] = ()
+    cost: str = "time"
+
+
+def default_chunks(num_devices: int) -> int:
+    # GPipe wants m >> n to shrink the bubble (n-1)/(m+n-1); 2n keeps micro-batches large
+    # enough for CPU kernels to stay efficient.
+    return 1 if num_devices == 1 else 2 * num_devices
+
+
+def trace_profile_solve(
+    model: nn.Module,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    specs: list[DeviceSpec],
+    chunks: int,
+    opts: Options,
+    plan: Plan | None = None,
+) -> tuple[torch.fx.GraphModule, Any, Plan]:
+    """trace -> profile -> solve; with a given ``plan``, validate it instead of solving."""
+    t0 = time.perf_counter()
+    gm = trace(
+        model, tuple(args), dict(kwargs), leaf_modules=opts.leaf_modules, mode=opts.trace_mode
+    )
+    share_tensors(gm, model)
+    t1 = time.perf_counter()
+    with _stage_threads(specs):
+        graph = profile(gm, tuple(args), dict(kwargs), chunks=chunks, cost=opts.cost)
+    t2 = time.perf_counter()
+    if plan is not None:
+        plan.validate(graph.nodes, graph)
+        log.info("trace %.2fs, profile %.2fs, plan given", t1 - t0, t2 - t1)
+        return gm, graph, plan
+    plan = solve(
+        graph,
+        specs,
+        bandwidth=opts.bandwidth,
+        objective=opts.objective,
+        imbalance=opts.imbalance,
+        solver=opts.solver,
+        time_limit=opts.time_limit,
+        gap=opts.gap,
+        chunks=chunks,
+        signature=input_signature(tuple(args), dict(kwargs)),
+        model=type(model).__name__,
+    )
+    log.info(
+        "trace %.2fs, profile %.2fs, solve %.2fs (%s, %s, gap %.2f%%)",
+        t1 - t0,
+        t2 - t1,
+        time.perf_counter() - t2,
+        plan.solver,
+        plan.status,
+        100 * plan.gap,
+    )
+    return gm, graph, plan
+
+
+@contextlib.contextmanager
+def _stage_threads(specs: Sequence[DeviceSpec]) -> Iterator[None]:
+    """Profile with the intra-op threads a CPU stage worker will have.
+
+    Each CPU worker runs with max(1, cores // CPU stages) threads (see
+    runtime.worker.stage_threads); timing nodes with all cores would measure a speed
+    no stage sees, and on a busy machine idle OpenMP threads inflate small ops.
+    """
+    counts = stage_threads([torch_device(s.name) for s in specs], available_cores(), None)
+    cpu = [c for c in counts if c is not None]
+    before = torch.get_num_threads()
+    if cpu:
+        torch.set_num_threads(cpu[0])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def weight_source(
+    on_failure: str, recovery: str, path: str | None
+) -> HostCopy | StateDictSource | None:
+    """Where lost weights come back from after a failure ([Note: re-planning])."""
+    if on_failure != "replan":
+        return None
+    return StateDictSource(path) if recovery == "state-dict" and path else HostCopy()
+
+
+def auto_partition(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    num_devices: int | None = None,
+    devices: Sequence[str | torch.device | DeviceSpec] | None = None,
+    memory: MemoryLike = None,
+    speed: Sequence[float] | None = None,
+    chunks: int = 1,
+    objective: str = "throughput",
+    bandwidth: Bandwidth = DEFAULT_BANDWIDTH,
+    solver: str | None = None,
+    time_limit: float = 30.0,
+    gap: float = 0.01,
+    imbalance: float = 0.05,
+    trace_mode: str = "auto",
+    leaf_modules: Sequence[Any] = (),
+    cost: str = "time",
+) -> Plan:
+    """Trace, profile and solve: the partition Plan for ``model`` on the devices."""
+    specs = resolve_devices(num_devices, devices, memory, speed)
+    opts = Options(
+        objective,
+        bandwidth,
+        solver,
+        time_limit,
+        gap,
+        imbalance,
+        trace_mode,
+        tuple(leaf_modules),
+        cost,
+    )
+    _, _, plan = trace_profile_solve(
+        model, tuple(example_inputs), dict(example_kwargs or {}), specs, chunks, opts
+    )
+    return plan

@@ -1,0 +1,219 @@
+"""Checks that a traced module is faithful to its model: names, and outputs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from partitioner.capture.binding import run_program
+from partitioner.errors import TraceError
+
+__all__ = [
+    "CHECK_ROWS",
+    "batch_size",
+    "check_gradients",
+    "check_outputs",
+    "preserved_state",
+    "sync_state_dict",
+]
+
+CHECK_ROWS = 2  # outputs are compared on this many rows of the example batch
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+
+
+def batch_size(args: Args, kwargs: Kwargs) -> int | None:
+    """The batch size of the call: dim 0 of the first tensor with a dim 0 above 1, else 1
+    when some tensor has a dim 0, else None. Size-1 tensors beside a larger batch broadcast
+    ([Note: micro-batching rules] in `runtime.microbatch`)."""
+    sizes = [
+        int(leaf.shape[0])
+        for leaf in pytree.tree_leaves((args, kwargs))
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1
+    ]
+    return next((size for size in sizes if size > 1), sizes[0] if sizes else None)
+
+
+def sync_state_dict(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Make ``gm.state_dict()`` keys equal the model's (fx drops unused tensors and
+    registers non-persistent buffers as persistent); other differences are errors."""
+    want = set(model.state_dict())
+    have = set(gm.state_dict())
+    buffers = dict(model.named_buffers())
+    for name in sorted(have - want):
+        if name not in buffers:
+            raise TraceError(f"the traced module has {name!r}, which the model does not")
+        owner, _, leaf = name.rpartition(".")
+        gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
+    for name in sorted(want - set(gm.state_dict())):
+        _copy_attr(model, gm, name)
+    if set(gm.state_dict()) != want:
+        raise TraceError("the traced module's state_dict keys differ from the model's")
+
+
+def _copy_attr(src: nn.Module, dst: nn.Module, name: str) -> None:
+    *path, leaf = name.split(".")
+    for part in path:
+        src = getattr(src, part)
+        if not isinstance(getattr(dst, part, None), nn.Module):
+            dst.add_module(part, nn.Module())
+        dst = getattr(dst, part)
+    value = getattr(src, leaf)
+    if isinstance(value, nn.Parameter):
+        dst.register_parameter(leaf, value)
+    else:
+        dst.register_buffer(leaf, value)
+
+
+def _is_meta(model: nn.Module, args: Args, kwargs: Kwargs) -> bool:
+    tensors = [*model.parameters(), *model.buffers(), *pytree.tree_leaves((args, kwargs))]
+    return any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
+
+
+@contextlib.contextmanager
+def preserved_state(module: nn.Module) -> Iterator[None]:
+    """Run code that calls ``module`` without leaving a trace: its buffers (BatchNorm
+    statistics, step counters) are put back afterwards, even on an error, and the RNG
+    stream is forked (the CPU's, and those of the CUDA devices holding its buffers)."""
+    saved = {name: buf.detach().clone() for name, buf in module.named_buffers() if not buf.is_meta}
+    devices = sorted({b.device.index or 0 for b in saved.values() if b.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, buf in module.named_buffers():
+                old = saved.get(name)
+                if old is not None and old.shape == buf.shape:
+                    buf.copy_(old)
+
+
+def _rows(args: Args, kwargs: Kwargs, rows: int) -> tuple[Args, Kwargs]:
+    """The first ``rows`` rows of every batched tensor (dim 0 equal to the batch size)."""
+    batch = batch_size(args, kwargs)
+    if batch is None or batch <= rows:
+        return args, kwargs
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:rows] if t.dim() >= 1 and t.shape[0] == batch else t
+
+    return pytree.tree_map_only(torch.Tensor, cut, (args, kwargs))
+
+
+class _ModelFailed(Exception):
+    pass
+
+
+def _both(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> tuple[Any, Any]:
+    with torch.no_grad(), preserved_state(model):
+        torch.manual_seed(0)
+        try:
+            expected = model(*args, **kwargs)
+        except Exception as exc:
+            raise _ModelFailed(str(exc)) from exc
+        torch.manual_seed(0)
+        return expected, run_program(gm, args, kwargs)
+
+
+def check_outputs(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> None:
+    """The traced module must give the model's outputs on the example's first
+    `CHECK_ROWS` rows: this checks, cheaply, that it also runs at another batch size.
+    On `meta`, where there are no values and the model may not run eagerly, it must run."""
+    if _is_meta(model, args, kwargs):
+        to_meta = (args, kwargs)
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), to_meta)
+        with torch.no_grad():
+            run_program(gm, args, kwargs)
+        return
+    try:
+        expected, actual = _both(model, gm, *_rows(args, kwargs, CHECK_ROWS))
+    except _ModelFailed:  # the model itself needs the full batch: compare on that
+        expected, actual = _both(model, gm, args, kwargs)
+    want, want_spec = pytree.tree_flatten(expected)
+    got, got_spec = pytree.tree_flatten(actual)
+    if want_spec != got_spec:
+        raise TraceError(f"output structure differs: model {want_spec}, traced {got_spec}")
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        try:
+            if isinstance(w, torch.Tensor) and isinstance(g, torch.Tensor):
+                torch.testing.assert_close(g, w, equal_nan=True)
+            elif type(w) is not type(g) or w != g:
+                raise AssertionError(f"{g!r} != {w!r}")
+        except AssertionError as exc:
+            raise TraceError(f"output leaf {i} differs: {_first_line(exc)}") from exc
+
+
+def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> None:
+    """The traced module's parameter gradients must be the model's, on the example's first
+    `CHECK_ROWS` rows, for the loss sum(mean(output ** 2)) over its floating outputs.
+
+    fx does not record autograd contexts: ``torch.no_grad()`` or ``torch.enable_grad()``
+    inside forward vanish from the graph, which then trains parameters the model does not
+    (or the other way round) with outputs that match. A mismatch is a TypeError naming the
+    first parameter, so ``mode="auto"`` moves on to export, which records them. `trace`
+    runs it for models in training mode only: an eval-mode model is planned for inference,
+    where such a graph is right, and its gradients could double its memory.
+    """
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or _is_meta(model, args, kwargs):
+        return
+
+    def grads(run: Any, call: tuple[Args, Kwargs]) -> tuple[torch.Tensor | None, ...] | None:
+        with torch.enable_grad(), preserved_state(model):
+            torch.manual_seed(0)
+            out = run(*call)
+            leaves = [
+                leaf
+                for leaf in pytree.tree_leaves(out)
+                if isinstance(leaf, torch.Tensor)
+                and leaf.is_floating_point()
+                and leaf.requires_grad
+            ]
+            if not leaves:
+                return None
+            loss = torch.stack([leaf.float().pow(2).mean() for leaf in leaves]).sum()
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+    call = _rows(args, kwargs, CHECK_ROWS)
+    try:
+        want = grads(lambda a, k: model(*a, **k), call)
+    except Exception:  # the model needs the full batch (check_outputs said it runs)
+        call = (args, kwargs)
+        try:
+            want = grads(lambda a, k: model(*a, **k), call)
+        except Exception:  # no backward in eager mode either (an in-place op autograd
+            return  # rejects): there are no gradients to hold the graph to
+    try:
+        got = grads(lambda a, k: run_program(gm, a, k), call)
+    except Exception as exc:
+        raise TypeError(
+            f"the traced graph's backward fails where the model's runs: "
+            f"{type(exc).__name__}: {_first_line(exc)}; trace with mode='export'"
+        ) from exc
+    if want is None and got is None:
+        return
+    for k, name in enumerate(names):
+        w = None if want is None else want[k]
+        g = None if got is None else got[k]
+        w_zero = w is None or not bool(w.any())
+        g_zero = g is None or not bool(g.any())
+        if w_zero and g_zero:
+            continue
+        if w_zero != g_zero or not torch.allclose(g, w, rtol=1e-3, atol=1e-5):  # type: ignore[arg-type]
+            raise TypeError(
+                f"the traced graph's gradient of {name!r} differs from the model's: forward "
+                f"may use torch.no_grad() or torch.enable_grad(), which fx does not record; "
+                f"trace with mode='export'"
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"

@@ -1,0 +1,1 @@
+"""Fault recovery: what counts as a lost device (`faults`), and resuming a call (`resume`)."""
