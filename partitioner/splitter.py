@@ -100,47 +100,34 @@ class ModelSplitter(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
-        if chunks is not None and (isinstance(chunks, bool) or chunks < 1):
-            raise ValueError(f"chunks must be a positive integer ({chunks} < 1)")
-        if on_failure not in ("raise", "replan"):
-            raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
-        if recovery not in ("host-copy", "state-dict"):
-            raise ValueError(f"recovery must be 'host-copy' or 'state-dict' (got {recovery!r})")
-        if recovery == "state-dict" and state_dict_path is None:
-            raise ValueError("recovery='state-dict' needs state_dict_path (a torch.save file)")
-        if stage_timeout is not None and not stage_timeout > 0:
-            raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
-        if backward not in ("autograd", "pipelined"):
-            raise ValueError(f"backward must be 'autograd' or 'pipelined' (got {backward!r})")
-        if backward == "pipelined" and on_failure == "replan":
-            raise ValueError(
-                "backward='pipelined' cannot re-run lost micro-batches (on_failure='replan'): "
-                "use backward='autograd' with it"
-            )
+        _check_options(chunks, on_failure, recovery, state_dict_path, stage_timeout, backward)
         if plan is not None and devices is None and num_devices is None:
             devices = list(plan.device_specs)
         specs = resolve_devices(num_devices, devices, memory, speed)
         if plan is not None:
             plan = plan.on_devices(specs)  # run a saved plan on the devices given here
-        self.__dict__["_model"] = model
-        self.__dict__["_specs"] = specs
-        self.__dict__["_offered"] = list(specs)
-        self.__dict__["_generation"] = 0
-        self.__dict__["_source"] = weight_source(on_failure, recovery, state_dict_path)
-        self.__dict__["_opts"] = Options(
-            objective,
-            bandwidth,
-            solver,
-            time_limit,
-            gap,
-            0.05,
-            trace_mode,
-            tuple(leaf_modules),
-            cost,
+        # Kept out of nn.Module's registries: the model is not a submodule of its own split.
+        self.__dict__.update(
+            _model=model,
+            _specs=specs,
+            _offered=list(specs),
+            _generation=0,
+            _source=weight_source(on_failure, recovery, state_dict_path),
+            _opts=Options(
+                objective,
+                bandwidth,
+                solver,
+                time_limit,
+                gap,
+                0.05,
+                trace_mode,
+                tuple(leaf_modules),
+                cost,
+            ),
+            _cache={},
+            _current=None,
+            _given_plan=plan,
         )
-        self.__dict__["_cache"] = {}
-        self.__dict__["_current"] = None
-        self.__dict__["_given_plan"] = plan
         self.chunks = chunks if chunks is not None else default_chunks(len(specs))
         self.checkpoint = checkpoint
         self.reducer = reducer
@@ -318,4 +305,32 @@ class ModelSplitter(nn.Module):
         return (
             f"devices=[{where}], chunks={self.chunks}, stages={plan.num_stages}, "
             f"bottleneck={plan.bottleneck:.3g}s, status={plan.status}"
+        )
+
+
+def _check_options(
+    chunks: int | None,
+    on_failure: str,
+    recovery: str,
+    state_dict_path: str | None,
+    stage_timeout: float | None,
+    backward: str,
+) -> None:
+    """ModelSplitter's run options, checked before anything is traced."""
+    if chunks is not None and (isinstance(chunks, bool) or chunks < 1):
+        raise ValueError(f"chunks must be a positive integer ({chunks} < 1)")
+    if on_failure not in ("raise", "replan"):
+        raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
+    if recovery not in ("host-copy", "state-dict"):
+        raise ValueError(f"recovery must be 'host-copy' or 'state-dict' (got {recovery!r})")
+    if recovery == "state-dict" and state_dict_path is None:
+        raise ValueError("recovery='state-dict' needs state_dict_path (a torch.save file)")
+    if stage_timeout is not None and not stage_timeout > 0:
+        raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
+    if backward not in ("autograd", "pipelined"):
+        raise ValueError(f"backward must be 'autograd' or 'pipelined' (got {backward!r})")
+    if backward == "pipelined" and on_failure == "replan":
+        raise ValueError(
+            "backward='pipelined' cannot re-run lost micro-batches (on_failure='replan'): "
+            "use backward='autograd' with it"
         )

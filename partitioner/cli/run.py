@@ -205,10 +205,17 @@ def run_plan(args: argparse.Namespace, out: Output) -> int:
             step(f"training steps, backward={args.backward!r}")
             result["train"] = _train(args, setup, plan, chunks)
     _report(result, out)
-    if not ok:
+    _check_result(result, args)
+    return 0
+
+
+def _check_result(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """A split whose outputs or gradients differ from the model's is an error (exit 1)."""
+    if not result["ok"]:
         raise ModelSplitError(
-            f"the split model's output differs from the model's (max error {error:.3g}, "
-            f"rtol {args.rtol:g}, atol {args.atol:g}); report it with `--debug` output"
+            f"the split model's output differs from the model's (max error "
+            f"{result['max_error']:.3g}, rtol {args.rtol:g}, atol {args.atol:g}); report it "
+            f"with `--debug` output"
         )
     if args.train and not result["train"]["ok"]:
         raise ModelSplitError(
@@ -216,7 +223,6 @@ def run_plan(args: argparse.Namespace, out: Output) -> int:
             f"{result['train']['max_grad_error']:.3g}, rtol {args.rtol:g}, atol {args.atol:g}); "
             f"report it with `--debug` output"
         )
-    return 0
 
 
 def train_loss(output: Any) -> Any:

@@ -143,6 +143,13 @@ def bandwidth_between(bandwidth: Bandwidth, src: int, dst: int) -> float:
     return float(bandwidth[src][dst])
 
 
+def in_bandwidth(bw: Bandwidth, k: int, n: int) -> float:
+    """The fastest link into stage k of n (the ILP charges tensors at it: never too much)."""
+    if isinstance(bw, int | float):
+        return float(bw)
+    return max((bandwidth_between(bw, s, k) for s in range(n) if s != k), default=1.0)
+
+
 def check_bandwidth(bandwidth: Bandwidth, num_devices: int) -> None:
     if isinstance(bandwidth, int | float):
         if isinstance(bandwidth, bool) or not bandwidth > 0:

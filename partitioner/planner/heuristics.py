@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from partitioner.planner.cost import Bandwidth, DeviceSpec, bandwidth_between
+from partitioner.planner.cost import Bandwidth, DeviceSpec, bandwidth_between, in_bandwidth
 
 __all__ = [
     "Indexed",
@@ -158,12 +158,6 @@ def split_by_time(g: Indexed, specs: Sequence[DeviceSpec]) -> list[int] | None:
     return _bisect(g, specs, 1.0, use_comm=False, iters=60)
 
 
-def _in_bandwidth(bw: Bandwidth, k: int, n: int) -> float:
-    if isinstance(bw, int | float):
-        return float(bw)
-    return max((bandwidth_between(bw, s, k) for s in range(n) if s != k), default=1.0)
-
-
 def _received(n: int, tensors: Sequence[TensorRow]) -> list[list[float]]:
     """recv[i][j - i]: bytes the segment i..j of the order reads from before i."""
     entering: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
@@ -205,7 +199,7 @@ def contiguous_split(
     best = [[inf] * (n + 1) for _ in range(K)]
     back = [[-1] * (n + 1) for _ in range(K)]
     for k, spec in enumerate(specs):
-        link, limit = _in_bandwidth(bw, k, K), _limit(spec)
+        link, limit = in_bandwidth(bw, k, K), _limit(spec)
         best[k][0] = 0.0
         for j in range(1, n + 1):
             if k > 0 and best[k - 1][j] < best[k][j]:

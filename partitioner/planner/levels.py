@@ -11,6 +11,7 @@ from partitioner.errors import InfeasiblePlanError
 from partitioner.planner.baselines import POLICIES, baseline_stages
 from partitioner.planner.coarsen import Coarsening
 from partitioner.planner.cost import Bandwidth, DeviceSpec
+from partitioner.planner.formulation import IlpInput
 from partitioner.planner.heuristics import (
     Indexed,
     contiguous_split,
@@ -22,7 +23,6 @@ from partitioner.planner.heuristics import (
     split_by_time,
     stage_costs,
 )
-from partitioner.planner.ilp import IlpInput
 
 __all__ = [
     "Level",

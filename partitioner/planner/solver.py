@@ -45,7 +45,7 @@ from partitioner.planner.cost import (
     validate_graph,
 )
 from partitioner.planner.heuristics import Indexed, contiguous_split, index_graph
-from partitioner.planner.ilp import available_solvers, solve_ilp, stage_windows
+from partitioner.planner.ilp import available_solvers, solve_ilp
 from partitioner.planner.levels import (
     DP_LIMIT,
     Level,
@@ -57,6 +57,7 @@ from partitioner.planner.levels import (
     score,
 )
 from partitioner.planner.plan import Plan, make_plan
+from partitioner.planner.windows import stage_windows
 
 __all__ = ["check_memory", "solve"]
 

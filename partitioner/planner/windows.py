@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from partitioner.planner.cost import Bandwidth, DeviceSpec, bandwidth_between
+from partitioner.planner.cost import Bandwidth, DeviceSpec, in_bandwidth
+from partitioner.planner.formulation import IlpInput
 
-if TYPE_CHECKING:
-    from partitioner.planner.ilp import IlpInput
-
-__all__ = ["WINDOW_LIMIT", "in_bandwidth", "stage_windows"]
+__all__ = ["WINDOW_LIMIT", "stage_windows"]
 
 #: stage windows use an n x n ancestor matrix: skipped above this many groups
 WINDOW_LIMIT = 8000
-
-
-def in_bandwidth(bw: Bandwidth, k: int, n: int) -> float:
-    """The fastest link into stage k (the ILP charges tensors at it: never too much)."""
-    if isinstance(bw, int | float):
-        return float(bw)
-    return max((bandwidth_between(bw, s, k) for s in range(n) if s != k), default=1.0)
 
 
 def stage_windows(
