@@ -121,37 +121,9 @@ class Pipeline(nn.Module):
         deferred_batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        if len(stages) == 0:
-            raise ValueError("a pipeline needs at least one stage (got none)")
-        if len(devices) != len(stages):
-            raise ValueError(
-                f"one device per stage ({len(devices)} devices, {len(stages)} stages)"
-            )
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"chunks must be a positive integer ({chunks!r})")
-        if reducer is not None and not callable(reducer) and reducer not in REDUCERS:
-            raise ValueError(f"reducer must be 'mean', 'sum' or a callable ({reducer!r})")
-        if on_failure not in ("raise", "replan"):
-            raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
-        if stage_timeout is not None and not stage_timeout > 0:
-            raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
-        if backward not in _backward.MODES:
-            raise ValueError(f"backward must be 'autograd' or 'pipelined' (got {backward!r})")
-        self.stages = nn.ModuleList(stages)
         self.devices = [_device(d) for d in devices]
-        if backward == "pipelined":
-            others = sorted({str(d) for d in self.devices if d.type != "cpu"})
-            if others:
-                raise ValueError(
-                    f"backward='pipelined' runs on CPU stages only (got {', '.join(others)}); "
-                    f"on GPUs autograd already runs each device's backward on its own thread: "
-                    f"use backward='autograd'"
-                )
-            if on_failure == "replan":
-                raise ValueError(
-                    "backward='pipelined' cannot re-run lost micro-batches "
-                    "(on_failure='replan'): use backward='autograd' with it"
-                )
+        _check_args(stages, self.devices, chunks, reducer, on_failure, stage_timeout, backward)
+        self.stages = nn.ModuleList(stages)
         self.backward = backward
         # BatchNorm running statistics: once per call ([Note: deferred batch norm]).
         self._deferred = DeferredBatchNorm(stages) if deferred_batch_norm else None
@@ -359,3 +331,42 @@ class _Run:
                 producer = self.producer[leaf]
                 values.append(self.pipe._transfer.to_caller(value, producer, i, self.events))
         return values
+
+
+def _check_args(
+    stages: Sequence[nn.Module],
+    devices: Sequence[torch.device],
+    chunks: int,
+    reducer: Reducer | None,
+    on_failure: str,
+    stage_timeout: float | None,
+    backward: str,
+) -> None:
+    """Pipeline's options, checked before any thread or stream is made."""
+    if len(stages) == 0:
+        raise ValueError("a pipeline needs at least one stage (got none)")
+    if len(devices) != len(stages):
+        raise ValueError(f"one device per stage ({len(devices)} devices, {len(stages)} stages)")
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be a positive integer ({chunks!r})")
+    if reducer is not None and not callable(reducer) and reducer not in REDUCERS:
+        raise ValueError(f"reducer must be 'mean', 'sum' or a callable ({reducer!r})")
+    if on_failure not in ("raise", "replan"):
+        raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
+    if stage_timeout is not None and not stage_timeout > 0:
+        raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
+    if backward not in _backward.MODES:
+        raise ValueError(f"backward must be 'autograd' or 'pipelined' (got {backward!r})")
+    if backward == "pipelined":
+        others = sorted({str(d) for d in devices if d.type != "cpu"})
+        if others:
+            raise ValueError(
+                f"backward='pipelined' runs on CPU stages only (got {', '.join(others)}); "
+                f"on GPUs autograd already runs each device's backward on its own thread: "
+                f"use backward='autograd'"
+            )
+        if on_failure == "replan":
+            raise ValueError(
+                "backward='pipelined' cannot re-run lost micro-batches "
+                "(on_failure='replan'): use backward='autograd' with it"
+            )

@@ -1,4 +1,4 @@
-"""The cost model of ARCHITECTURE.md: evaluate, lower_bound, devices, bytes, validation."""
+"""The cost model (docs/planner.md): evaluate, lower_bound, devices, bytes, validation."""
 
 from __future__ import annotations
 

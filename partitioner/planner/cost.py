@@ -1,4 +1,4 @@
-"""The cost model of ARCHITECTURE.md: devices, validation and `evaluate`.
+"""The cost model (docs/planner.md): devices, validation and `evaluate`.
 
 Pure Python: numbers in, numbers out. No torch here, so the planner core can be
 used and tested without it.
@@ -199,7 +199,7 @@ def evaluate(
     devices: DevicesLike,
     bandwidth: Bandwidth = DEFAULT_BANDWIDTH,
 ) -> Evaluation:
-    """Compute the exact figures of ARCHITECTURE.md for ``assignment``.
+    """Compute the exact figures of the cost model (docs/planner.md) for ``assignment``.
 
     Stages are ``0..len(devices)-1``; stage k runs on ``devices[k]``. An invalid
     assignment (an edge going backwards, a memory limit exceeded) still gets its

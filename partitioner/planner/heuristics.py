@@ -2,7 +2,7 @@
 
 Both give the ILP its warm start and upper bound, and are the answer when no ILP
 solution comes back. They work on `Indexed`, a graph flattened into arrays in
-topological order, and apply the cost model of ARCHITECTURE.md exactly.
+topological order, and apply the cost model of docs/planner.md exactly.
 """
 
 from __future__ import annotations

@@ -71,14 +71,7 @@ def profile(
     without timing, and runs on the ``meta`` device when the parameters live
     there. See [Note: act_bytes].
     """
-    if cost not in COSTS:
-        raise ValueError(f"cost must be one of {COSTS} (got {cost!r})")
-    if chunks < 1 or repeat < 1:
-        raise ValueError(f"chunks and repeat must be >= 1 (got chunks={chunks}, repeat={repeat})")
-    if peak_flops <= 0 or mem_bandwidth <= 0:
-        raise ValueError(
-            f"peak_flops and mem_bandwidth must be > 0 ({peak_flops}, {mem_bandwidth})"
-        )
+    _check_args(cost, chunks, repeat, peak_flops, mem_bandwidth)
     program = program_of(gm)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
@@ -106,13 +99,7 @@ def profile(
     except Exception as exc:
         if micro >= batch:
             raise
-        first = (str(exc).strip().splitlines() or ["(no message)"])[0]
-        raise ModelSplitError(
-            f"the model fails on a micro-batch of {micro} rows (batch {batch} in {chunks} "
-            f"chunks): {type(exc).__name__}: {first}. A model that fixes the batch size (a "
-            f"reshape to the example's batch) cannot be micro-batched: take the size from "
-            f"x.shape[0], or use chunks=1"
-        ) from exc
+        raise _fixed_batch_error(exc, micro, batch, chunks) from exc
     graph = _cost_graph(gm, found, cost, peak_flops, mem_bandwidth, training, chunks)
     graph.graph.update(
         model=gm.meta.get("modelsplit_model", type(gm).__name__),
@@ -132,6 +119,30 @@ def profile(
         micro,
     )
     return graph
+
+
+def _check_args(
+    cost: str, chunks: int, repeat: int, peak_flops: float, mem_bandwidth: float
+) -> None:
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS} (got {cost!r})")
+    if chunks < 1 or repeat < 1:
+        raise ValueError(f"chunks and repeat must be >= 1 (got chunks={chunks}, repeat={repeat})")
+    if peak_flops <= 0 or mem_bandwidth <= 0:
+        raise ValueError(
+            f"peak_flops and mem_bandwidth must be > 0 ({peak_flops}, {mem_bandwidth})"
+        )
+
+
+def _fixed_batch_error(exc: Exception, micro: int, batch: int, chunks: int) -> ModelSplitError:
+    """The error for a model that runs on the whole batch but not on a micro-batch."""
+    first = (str(exc).strip().splitlines() or ["(no message)"])[0]
+    return ModelSplitError(
+        f"the model fails on a micro-batch of {micro} rows (batch {batch} in {chunks} "
+        f"chunks): {type(exc).__name__}: {first}. A model that fixes the batch size (a "
+        f"reshape to the example's batch) cannot be micro-batched: take the size from "
+        f"x.shape[0], or use chunks=1"
+    )
 
 
 def _micro_batch(args: tuple[Any, ...], kwargs: dict[str, Any], chunks: int) -> tuple[int, int]:
