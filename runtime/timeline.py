@@ -173,60 +173,38 @@ class Timeline:
         def us(t: float) -> float:
             return round((t - self._origin) * 1e6, 3)
 
-        events: list[dict[str, Any]] = [
-            {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": "modelsplit"}},
-            {"ph": "M", "pid": pid, "tid": 0, "name": "thread_name", "args": {"name": "main"}},
-        ]
+        def meta(tid: int | None, name: str, args: dict[str, Any]) -> dict[str, Any]:
+            event = {"ph": "M", "pid": pid, "name": name, "args": args}
+            return event if tid is None else {**event, "tid": tid}
+
+        def span(tid: int, name: str, cat: str, start: float, seconds: float) -> dict[str, Any]:
+            return {
+                "ph": "X",
+                "pid": pid,
+                "tid": tid,
+                "name": name,
+                "cat": cat,
+                "ts": us(start),
+                "dur": round(seconds * 1e6, 3),
+            }
+
+        events = [meta(None, "process_name", {"name": "modelsplit"})]
+        events.append(meta(0, "thread_name", {"name": "main"}))
         for j in range(len(self.stages)):
             where = f" {self.devices[j]}" if self.devices else ""
-            events.append(
-                {
-                    "ph": "M",
-                    "pid": pid,
-                    "tid": j + 1,
-                    "name": "thread_name",
-                    "args": {"name": f"stage {j}{where}"},
-                }
-            )
-            events.append(
-                {
-                    "ph": "M",
-                    "pid": pid,
-                    "tid": j + 1,
-                    "name": "thread_sort_index",
-                    "args": {"sort_index": j + 1},
-                }
-            )
+            events.append(meta(j + 1, "thread_name", {"name": f"stage {j}{where}"}))
+            events.append(meta(j + 1, "thread_sort_index", {"sort_index": j + 1}))
         for k, (start, end) in enumerate(self.iterations):
-            events.append(
-                {
-                    "ph": "X",
-                    "pid": pid,
-                    "tid": 0,
-                    "name": f"iteration {k}",
-                    "cat": "iteration",
-                    "ts": us(start),
-                    "dur": round((end - start) * 1e6, 3),
-                }
-            )
+            events.append(span(0, f"iteration {k}", "iteration", start, end - start))
         for s in self.slices:
-            events.append(
-                {
-                    "ph": "X",
-                    "pid": pid,
-                    "tid": s.j + 1,
-                    "name": f"F{s.i}",
-                    "cat": "forward",
-                    "ts": us(s.start),
-                    "dur": round(s.duration * 1e6, 3),
-                    "args": {
-                        "micro_batch": s.i,
-                        "stage": s.j,
-                        "iteration": s.step,
-                        "thread": s.thread,
-                    },
-                }
-            )
+            event = span(s.j + 1, f"F{s.i}", "forward", s.start, s.duration)
+            event["args"] = {
+                "micro_batch": s.i,
+                "stage": s.j,
+                "iteration": s.step,
+                "thread": s.thread,
+            }
+            events.append(event)
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def save(self, path: str | os.PathLike[str]) -> None:

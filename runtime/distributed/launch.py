@@ -151,13 +151,19 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     if args.check and args.train and ref is not None:
         ok = _check_grads(args, pipe, model, ref) and ok
     del result
+    _time_steps(args, step, call, world, pipe.is_last)
+    return 0 if ok else 1
+
+
+def _time_steps(args: argparse.Namespace, step: Any, call: Any, world: int, report: bool) -> None:
+    """Run ``args.iters`` steps between barriers; the last rank prints the throughput."""
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(args.iters):
         step()
     dist.barrier()
     dt = time.perf_counter() - t0
-    if pipe.is_last and args.iters:
+    if report and args.iters:
         batch = next(x.shape[0] for x in tree_leaves(call) if isinstance(x, torch.Tensor))
         mode = "train" if args.train else "forward"
         print(
@@ -165,7 +171,6 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
             f"{args.iters * batch / dt:.1f} samples/s ({1e3 * dt / args.iters:.2f} ms/iter)",
             flush=True,
         )
-    return 0 if ok else 1
 
 
 class _Reference:
