@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import subprocess
+import sys
 
 import networkx as nx
 import pytest
@@ -202,3 +204,79 @@ def test_plans_record_what_they_were_made_for() -> None:
     assert (plan.chunks, plan.signature, plan.model) == (4, [["x", [8, 4]]], "M")
     assert plan.solve_time > 0
     assert set(POLICIES) == {"uniform", "parameters", "greedy-memory", "time-dp"}
+
+
+# -- the host process: a user's own HiGHS, stdout, isolated nodes ---------------------------
+
+_USER_HIGHS_FIRST = """
+import networkx as nx, pulp
+p = pulp.LpProblem("user", pulp.LpMinimize)
+x = pulp.LpVariable("x", 0, 3, cat="Integer")
+p += x
+p += x >= 1
+if {user}:
+    p.solve(pulp.HiGHS(msg=False{threads}))
+    assert pulp.LpStatus[p.status] == "Optimal"
+from partitioner import solve
+g = nx.DiGraph()
+for i in range(24):
+    g.add_node(f"n{{i}}", time=1.0 + (i % 5) / 7, param_bytes=0, out_bytes=1000 * (i % 3 + 1),
+               act_bytes=0)
+    if i:
+        g.add_edge(f"n{{i - 1}}", f"n{{i}}")
+    if i >= 3 and i % 3 == 0:
+        g.add_edge(f"n{{i - 3}}", f"n{{i}}")
+plan = solve(g, devices=4, bandwidth=1e5, solver="highs", time_limit=20)
+print(plan.status, plan.solver, plan.bottleneck, plan.gap <= 0.01)
+"""
+
+
+def _plan_line(user: bool, threads: str = "") -> str:
+    run = subprocess.run(
+        [sys.executable, "-c", _USER_HIGHS_FIRST.format(user=user, threads=threads)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout.splitlines()[-1]
+
+
+@pytest.mark.skipif("highs" not in available_solvers(), reason="needs HiGHS")
+@pytest.mark.parametrize("threads", ["", ", threads=2", ", threads=1"])
+def test_a_users_highs_run_first_does_not_throw_the_ilp_away(threads: str) -> None:
+    # HiGHS keeps one thread scheduler per process: a solve that set its own `threads`
+    # after the user's run got "Not Solved" and fell back to a heuristic plan.
+    alone = _plan_line(user=False)
+    assert alone.split()[:2] == ["optimal", "highs"], alone
+    assert alone.split()[3] == "True", alone
+    assert _plan_line(user=True, threads=threads) == alone
+
+
+@pytest.mark.skipif("highs" not in available_solvers(), reason="needs HiGHS")
+def test_solve_prints_nothing_on_stdout() -> None:
+    code = (
+        "import networkx as nx\n"
+        "from partitioner import solve\n"
+        "g = nx.DiGraph()\n"
+        "g.add_node('a', time=1.0, param_bytes=0, out_bytes=8, act_bytes=0)\n"
+        "g.add_node('b', time=1.0, param_bytes=0, out_bytes=8, act_bytes=0)\n"
+        "g.add_edge('a', 'b')\n"
+        "solve(g, devices=2, bandwidth=1e9, solver='highs')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "", f"the planner wrote to stdout: {run.stdout!r}"
+
+
+@pytest.mark.parametrize("solver", available_solvers())
+def test_an_isolated_node_keeps_the_proven_plan(solver: str) -> None:
+    # An unused tied get_attr or BatchNorm's num_batches_tracked: no edges, no time, no
+    # memory, so its variable is in no constraint and the solver returns no value for it.
+    g = chain([1.0, 2.0, 1.0, 2.0])
+    g.add_node("num_batches_tracked", time=0.0, param_bytes=0, out_bytes=8, act_bytes=0)
+    plan = solve(g, 2, bandwidth=1e9, solver=solver, coarsen=False)
+    assert plan.status == "optimal", plan.status
+    assert plan.solver == solver
+    assert plan.bottleneck == pytest.approx(3.0)
+    assert "num_batches_tracked" in plan.assignment

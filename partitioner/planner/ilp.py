@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 import time as _time
 import warnings
 from collections.abc import Sequence
@@ -19,6 +17,9 @@ from partitioner.planner.formulation import IlpInput, build_ilp, comm_ceiling, t
 from partitioner.planner.windows import stage_windows
 
 __all__ = ["IlpInput", "IlpResult", "available_solvers", "solve_ilp"]
+
+#: the MIP gap handed to the solver, as a share of the gap asked for
+GAP_MARGIN = 0.9
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +47,36 @@ def available_solvers() -> tuple[str, ...]:
     return tuple(found)
 
 
-@functools.cache
-def _quiet_highs() -> None:
-    """Create the first HiGHS instance with stdout closed: it prints a banner once."""
-    import highspy
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            highspy.Highs()  # type: ignore[no-untyped-call]
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def _highs_class(start: dict[str, float] | None) -> Any:
+    import highspy
     import numpy as np
     import pulp
 
-    _quiet_highs()
+    class QuietHighs(highspy.Highs):  # type: ignore[misc]
+        """A HiGHS model whose log is off before its first call, so the process's first
+        instance prints no banner on stdout (HiGHS writes it unless ``output_flag`` is
+        already false)."""
+
+        def enableCallbacks(self) -> None:  # the first HiGHS call its __init__ makes
+            self.setOptionValue("output_flag", False)
+            super().enableCallbacks()
 
     class WarmHiGHS(pulp.HiGHS):  # type: ignore[misc]
-        """pulp's HiGHS with a MIP start (pulp 3.3 passes none to HiGHS)."""
+        """pulp's HiGHS with a MIP start (pulp 3.3 passes none to HiGHS) and no banner.
+
+        It sets no ``threads`` option: HiGHS keeps one thread scheduler per process, and
+        an explicit count that differs from the one it started with fails the run ("Not
+        Solved"), so a user's own HiGHS run earlier in the process would silently turn
+        every plan into a heuristic one.
+        """
+
+        def createAndConfigureSolver(self, lp: Any) -> None:
+            lp.solverModel = QuietHighs()
+            lp.solverModel.setOptionValue("output_flag", False)
+            if self.gapRel is not None:
+                lp.solverModel.setOptionValue("mip_rel_gap", self.gapRel)
+            if self.timeLimit is not None:
+                lp.solverModel.setOptionValue("time_limit", float(self.timeLimit))
 
         def callSolver(self, lp: Any) -> None:
             if start:
@@ -130,8 +137,12 @@ def solve_ilp(
     prob, x, T = build_ilp(inp, specs, bw, objective, imbalance, scale, lo, hi)
     values = _start_values(start, prob) if start is not None else None
     limit = max(0.05, time_limit - (_time.perf_counter() - t0))
+    # The solver's own stop rule is a little tighter than the gap asked for: the tie-break
+    # term it also minimises comes off the bound afterwards, and a plan proven "within
+    # gap" of the objective must stay within gap of the bottleneck.
+    gap = GAP_MARGIN * gap
     if solver == "highs":
-        cmd = _highs_class(values)(msg=False, timeLimit=limit, gapRel=gap, threads=1)
+        cmd = _highs_class(values)(msg=False, timeLimit=limit, gapRel=gap)
     else:
         if values:
             for v in prob.variables():
@@ -144,9 +155,10 @@ def solve_ilp(
     if status == "Infeasible":
         return IlpResult(None, upper or 0.0, False, True, solver, seconds)
     stage = None
-    if prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible) and all(
-        v.varValue is not None for v in x.values()
-    ):
+    if prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        # A variable in no constraint and not in the objective (a group with no time, no
+        # memory and no edges) never reaches the solver and keeps varValue None: any stage
+        # in its window is as good, and `_stage_of` takes the last one.
         stage = [_stage_of(i, x, lo[i], hi[i], K) for i in range(len(inp.time))]
     bound = _bound(prob, solver, gap)
     proven = prob.sol_status == pulp.LpSolutionOptimal and stage is not None
@@ -175,21 +187,24 @@ def _cbc(limit: float, gap: float, warm: bool) -> Any:
 
 def _stage_of(i: int, x: Any, lo: int, hi: int, K: int) -> int:
     for k in range(lo, min(hi, K - 1)):
-        if x[i, k].varValue > 0.5:
+        value = x[i, k].varValue
+        if value is not None and value > 0.5:
             return k
     return min(hi, K - 1)
 
 
 def _bound(prob: Any, solver: str, gap: float) -> float:
+    """The proven lower bound on the ILP's objective (0 when nothing is proven)."""
     import pulp
 
-    if solver == "highs":
-        info = prob.solverModel.getInfo()
-        bound = float(info.mip_dual_bound)
-        if bound != bound or abs(bound) == float("inf"):
-            return 0.0
-        return bound
-    # CBC through pulp reports no bound: a proven solution is within gapRel of it
+    # A solution the solver calls optimal is within ``gap`` of the optimum, whatever
+    # bound it reports: HiGHS gives mip_dual_bound 0 when presolve or the root LP
+    # finished the search (mip_gap inf), and CBC through pulp reports no bound at all.
+    proven = 0.0
     if prob.sol_status == pulp.LpSolutionOptimal and prob.objective is not None:
-        return max(0.0, float(pulp.value(prob.objective)) * (1 - gap))
-    return 0.0
+        proven = max(0.0, float(pulp.value(prob.objective)) * (1 - gap))
+    if solver == "highs":
+        reported = float(prob.solverModel.getInfo().mip_dual_bound)
+        if reported == reported and abs(reported) != float("inf"):
+            return max(reported, proven)
+    return proven
