@@ -8,25 +8,30 @@ BIN := $(VENV)/bin
 # On a CPU-only machine pin the local CPU build of torch so pip never pulls a multi-GB CUDA
 # build; a torch that is already importable in the venv is kept as it is.
 $(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	@echo "setup: creating $(VENV) with $(PY)"
+	@$(PY) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
 
 setup: $(BIN)/python
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
-		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+		echo "setup: torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "setup: installing torch>=2.4 (a GPU is present: the default CUDA build, several GB)"; \
 		$(BIN)/pip install -q "torch>=2.4"; \
 	else \
+		echo "setup: installing torch==2.13.0 (no GPU: the CPU build, never a multi-GB CUDA one)"; \
 		$(BIN)/pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/pip install -q -e ".[dev]"
+	@echo "setup: installing modelsplit (editable) with its dev extra: pytest, hypothesis, ruff, mypy, transformers"
+	@$(BIN)/pip install -q -e ".[dev]"
+	@echo "setup: done ($(VENV))"
 
 demo: setup
 	$(BIN)/python examples/quickstart.py
 
 lint: setup
-	$(BIN)/ruff check partitioner runtime tests examples benchmarks
-	$(BIN)/ruff format --check partitioner runtime tests examples benchmarks
+	$(BIN)/ruff check modelsplit partitioner runtime tests examples benchmarks
+	$(BIN)/ruff format --check modelsplit partitioner runtime tests examples benchmarks
 	$(BIN)/mypy
 
 test: lint

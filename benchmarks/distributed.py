@@ -30,8 +30,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from examples.models import mlp  # noqa: E402
 from partitioner import auto_partition  # noqa: E402
+from partitioner.examples import mlp  # noqa: E402
 from partitioner.planner.plan import Plan  # noqa: E402
 from runtime import Pipeline  # noqa: E402
 from runtime.distributed import split_for_ranks  # noqa: E402

@@ -33,8 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.models import gpt  # noqa: E402
 from partitioner import ModelSplitter  # noqa: E402
+from partitioner.examples import gpt  # noqa: E402
 from runtime.recovery.drill import inject_failure  # noqa: E402
 
 

@@ -1,23 +1,20 @@
 """Quickstart: split a model over 4 devices, run a batch, check it against the unsplit model.
 
-Run it with ``make demo`` (or ``python examples/quickstart.py`` inside the venv). With
+Run it with ``make demo`` (or ``python examples/quickstart.py`` wherever modelsplit is
+installed). With
 fewer than 4 GPUs the 4 devices are CPU workers (one thread each), so it runs anywhere.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 from rich.console import Console
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from models import MyModel  # noqa: E402
-
-from partitioner import ModelSplitter  # noqa: E402
-from partitioner.cli.render import stage_table, summary  # noqa: E402
+from modelsplit import ModelSplitter
+from modelsplit.examples import MyModel
+from partitioner.cli.render import stage_table, summary
 
 
 def show_plan(splitter: ModelSplitter, console: Console) -> None:

@@ -16,20 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models import gpt  # noqa: E402
-
-from partitioner import ModelSplitter  # noqa: E402
+from modelsplit import ModelSplitter
+from modelsplit.examples import gpt
 
 
 def loss_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -217,8 +217,8 @@ def _import_module(name: str) -> Any:
     except ModuleNotFoundError as e:
         if e.name is not None and name.startswith(e.name):
             raise UsageError(
-                f"no module named {name!r}: give a file path ('examples/models.py:mlp') "
-                f"or a module importable from the current directory"
+                f"no module named {name!r}: give a file path ('models.py:mlp') or an importable "
+                f"module ('modelsplit.examples:mlp'), importable from the current directory"
             ) from e
         raise
 

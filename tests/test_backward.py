@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from examples.models import small
 from partitioner import ModelSplitter
+from partitioner.examples import small
 from runtime import Pipeline, StageError
 from runtime.schedule import backward_cycles, format_schedule
 

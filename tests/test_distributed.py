@@ -269,7 +269,7 @@ def test_three_ranks_skip_connection_forward_and_training_gradients(tmp_path: Pa
 
 
 def gpt_tiny() -> nn.Module:
-    from examples.models import gpt
+    from partitioner.examples import gpt
 
     return gpt(vocab=64, dim=32, layers=2, heads=2, max_len=16)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from examples.models import MLP
 from partitioner import ModelSplitter
+from partitioner.examples import MLP
 from partitioner.planner.cost import DeviceSpec
 from partitioner.replan import HostCopy, StateDictSource, lost_tensors, replan_plan
 from runtime import Pipeline, StageError

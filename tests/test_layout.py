@@ -9,7 +9,7 @@ import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("partitioner", "runtime")
+PACKAGES = ("modelsplit", "partitioner", "runtime")
 MAX_LINES = 400
 
 

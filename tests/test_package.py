@@ -27,3 +27,24 @@ def test_public_api_names() -> None:
     for name in ("evaluate", "Plan", "DeviceSpec"):
         assert hasattr(partitioner, name)
     assert callable(runtime.Pipeline)
+
+
+def test_modelsplit_reexports_the_public_api() -> None:
+    import modelsplit
+    import partitioner
+    import runtime
+
+    for name in partitioner.__all__:
+        assert getattr(modelsplit, name) is getattr(partitioner, name), name
+    for name in runtime.__all__:
+        assert getattr(modelsplit, name) is getattr(runtime, name), name
+    assert set(modelsplit.__all__) == set(partitioner.__all__) | set(runtime.__all__)
+
+
+def test_modelsplit_imports_no_torch_until_asked() -> None:
+    code = (
+        "import sys\n"
+        "from modelsplit import solve, evaluate, DeviceSpec, Plan\n"
+        "assert 'torch' not in sys.modules, 'import modelsplit imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

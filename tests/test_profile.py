@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from examples.models import MLP, MODELS, SMALL, small
 from partitioner.capture.binding import program_of
 from partitioner.capture.tracer import trace
 from partitioner.errors import ModelSplitError
+from partitioner.examples import MLP, MODELS, SMALL, small
 from partitioner.planner.cost import validate_graph
 from partitioner.profiling.costgraph import profile
 

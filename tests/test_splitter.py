@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from examples.models import MyModel, small
 from partitioner import ModelSplitter, PlanError, auto_partition, trace
 from partitioner.devices import resolve_devices
+from partitioner.examples import MyModel, small
 
 
 def test_seed_example_verbatim_then_batch_37() -> None:

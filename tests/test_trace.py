@@ -11,10 +11,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from examples.models import MODELS, SMALL, Gate, small
 from partitioner.capture.binding import input_signature, program_of, run_program
 from partitioner.capture.tracer import trace
 from partitioner.errors import TraceError
+from partitioner.examples import MODELS, SMALL, Gate, small
 from runtime.interface import Const, Program
 
 TRACEABLE = [name for name in SMALL if name != "data_dependent"]
