@@ -9,7 +9,7 @@ import torch
 
 from partitioner.planner.cost import DeviceSpec, parse_bytes
 
-__all__ = ["MemoryLike", "resolve_devices", "torch_device"]
+__all__ = ["MemoryLike", "check_available", "resolve_devices", "torch_device"]
 
 MemoryLike = int | str | Sequence[int | str | None] | None
 
@@ -82,6 +82,34 @@ def _per_device(value: Any, n: int, what: str) -> list[Any]:
 
 
 def torch_device(name: str) -> torch.device:
-    """The torch device a plan's device name runs on (``cpu:3`` is a CPU worker)."""
-    dev = torch.device(name)
+    """The torch device a plan's device name runs on: ``cpu:3`` is a CPU worker, and so is
+    a name torch does not know, such as the planner's ``dev:0`` for ``devices=4``."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        return torch.device("cpu")
     return torch.device("cpu") if dev.type == "cpu" else dev
+
+
+def check_available(names: Sequence[str]) -> None:
+    """Fail before any work, naming the fix, when a device to run on does not exist here.
+
+    Planning for absent GPUs is fine (`auto_partition`, ``modelsplit plan``); running on
+    them is not: without this check torch fails deep inside, with an AssertionError.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cpus = ", ".join(repr(f"cpu:{k}") for k in range(len(names)))
+    for name in names:
+        dev = torch_device(name)
+        if dev.type != "cuda" or (dev.index or 0) < gpus:
+            continue
+        if torch.version.cuda is None:
+            why = f"this torch ({torch.__version__}) is a CPU build"
+            fix = "or install a CUDA build of torch on a machine with GPUs"
+        else:
+            why = f"this machine has {gpus} GPU(s)"
+            fix = f"or name only cuda:0..cuda:{gpus - 1}" if gpus else "or run on a GPU machine"
+        raise ValueError(
+            f"device {name!r} does not exist here: {why}; run on CPU workers "
+            f"(devices=[{cpus}] or num_devices={len(names)}), {fix}"
+        )

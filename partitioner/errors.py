@@ -15,5 +15,9 @@ class InfeasiblePlanError(ModelSplitError):
     """No assignment satisfies the devices' memory limits."""
 
 
+class InputError(ModelSplitError, ValueError):
+    """The model itself fails on the inputs it was given (a shape or dtype mismatch)."""
+
+
 class PlanError(ModelSplitError, ValueError):
     """A plan is malformed, or does not match the model it is applied to."""

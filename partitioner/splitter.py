@@ -18,7 +18,9 @@ from partitioner.autoplan import (
     trace_profile_solve,
     weight_source,
 )
-from partitioner.devices import MemoryLike, resolve_devices, torch_device
+from partitioner.capture.binding import describe_signature
+from partitioner.devices import MemoryLike, check_available, resolve_devices, torch_device
+from partitioner.errors import InputError
 from partitioner.planner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec
 from partitioner.planner.plan import Plan
 from partitioner.replan import HostCopy, survivors, timed_replan
@@ -104,6 +106,7 @@ class ModelSplitter(nn.Module):
         if plan is not None and devices is None and num_devices is None:
             devices = list(plan.device_specs)
         specs = resolve_devices(num_devices, devices, memory, speed)
+        check_available([s.name for s in specs])
         if plan is not None:
             plan = plan.on_devices(specs)  # run a saved plan on the devices given here
         # Kept out of nn.Module's registries: the model is not a submodule of its own split.
@@ -210,7 +213,15 @@ class ModelSplitter(nn.Module):
         cache: dict[Any, Compiled] = self.__dict__["_cache"]
         compiled = cache.get(key)
         if compiled is None:
-            compiled = self._compile(args, kwargs)
+            try:
+                compiled = self._compile(args, kwargs)
+            except InputError as exc:
+                planned = [describe_signature(c.plan.signature) for c in cache.values()]
+                if not planned:
+                    raise
+                raise InputError(
+                    f"{exc}; this splitter was planned for {' or '.join(planned)} (any batch size)"
+                ) from exc
             cache[key] = compiled
         elif compiled.generation != self.__dict__["_generation"]:
             self._refit(compiled)  # planned before the devices changed

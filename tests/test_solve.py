@@ -79,7 +79,7 @@ def test_bad_arguments(kw: dict[str, object], match: str) -> None:
 
 def test_memory_errors_say_what_is_needed() -> None:
     g = chain([1.0] * 4, mem=100)
-    with pytest.raises(InfeasiblePlanError, match="400 bytes in all and 100 bytes"):
+    with pytest.raises(InfeasiblePlanError, match="400 B in all and 100 B for its largest node"):
         solve(g, [DeviceSpec("a", 150), DeviceSpec("b", 150)])
     with pytest.raises(InfeasiblePlanError, match="largest node"):
         solve(g, [DeviceSpec("a", 90)] * 5)

@@ -206,3 +206,60 @@ def test_planning_leaves_batchnorm_statistics_and_the_rng_alone(trace_mode: str)
     torch.testing.assert_close(after, want_after)  # planning drew no random numbers
     for (name, got), want in zip(model.named_buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(got, want, msg=name)  # one forward's update, not seven
+
+
+# -- errors a newcomer meets: one line, the problem and the fix ------------------------------
+
+
+def test_wrong_input_shape_is_an_input_error_naming_the_planned_shapes(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from partitioner.errors import InputError
+
+    splitter = ModelSplitter(MyModel(), num_devices=2, example_inputs=(torch.randn(8, 64),))
+    with pytest.raises(InputError) as info:
+        splitter(torch.randn(8, 65))
+    message = str(info.value)
+    assert "(8, 65) float32" in message and "mat1 and mat2" in message
+    assert "planned for (8, 64) float32" in message
+    assert "leaf" not in message and "use_cache" not in message  # not a tracing remedy
+    assert isinstance(info.value, ValueError)
+    assert "fake_tensor" not in capfd.readouterr().err  # no traceback logged from export
+
+
+def test_a_model_that_fails_on_its_inputs_is_not_a_trace_error() -> None:
+    from partitioner.errors import InputError
+
+    with pytest.raises(InputError, match=r"MyModel fails on the inputs \(4, 3\) float32"):
+        trace(MyModel(), (torch.randn(4, 3),))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_devices_without_cuda_are_a_value_error_with_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"'cuda:0' does not exist here.*num_devices=2"):
+        ModelSplitter(MyModel(), devices=["cuda:0", "cuda:1"])
+    # planning for GPUs on a laptop stays possible
+    plan = auto_partition(MyModel(), (torch.randn(8, 64),), devices=["cuda:0", "cuda:1"])
+    assert plan.devices[0] == "cuda:0"
+
+
+def test_memory_errors_are_in_human_units_with_a_fix() -> None:
+    from partitioner import InfeasiblePlanError
+
+    with pytest.raises(InfeasiblePlanError) as info:
+        ModelSplitter(
+            MyModel(), num_devices=2, memory="100KB", example_inputs=(torch.randn(8, 64),)
+        )
+    message = str(info.value)
+    assert "100 KB at most on one device" in message and " bytes" not in message
+    assert "raise the memory limits" in message and "add devices" in message
+
+
+def test_a_plan_from_solve_with_abstract_devices_runs_on_cpu_workers() -> None:
+    from partitioner import profile, solve
+
+    model, x = MyModel(), torch.randn(8, 64)
+    gm = trace(model, (x,))
+    plan = solve(profile(gm, (x,)), devices=2)  # devices named dev:0, dev:1
+    splitter = ModelSplitter.from_plan(model, plan)
+    torch.testing.assert_close(splitter(x), model(x))

@@ -11,6 +11,7 @@ dataclasses rather than closures, so they copy, pickle and print.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,30 @@ def input_signature(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
         else:
             out.append({"path": where, "value": repr(leaf)})
     return out
+
+
+def describe_call(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> str:
+    """A call for people: ``(8, 64) float32, mask=(8,) bool`` (constants as their repr)."""
+    return describe_signature(input_signature(args, kwargs))
+
+
+def describe_signature(signature: Sequence[Mapping[str, Any]]) -> str:
+    """An `input_signature` for people, as `describe_call` writes it."""
+    parts = []
+    for leaf in signature:
+        path = str(leaf["path"])
+        if re.fullmatch(r"args\[\d+\]", path):
+            where = ""  # a plain positional argument
+        elif path.startswith("kwargs"):
+            where = re.sub(r"^kwargs\['([^']*)'\]", r"\1", path) + "="
+        else:
+            where = path + "="
+        if "shape" in leaf:
+            dims = ", ".join(map(str, leaf["shape"])) + ("," if len(leaf["shape"]) == 1 else "")
+            parts.append(f"{where}({dims}) {leaf['dtype']}")
+        else:
+            parts.append(f"{where}{leaf['value']}")
+    return ", ".join(parts) or "(no inputs)"
 
 
 def _check_constant(name: str, value: Any, traced: Any) -> None:

@@ -106,8 +106,8 @@ def _rows(args: Args, kwargs: Kwargs, rows: int) -> tuple[Args, Kwargs]:
     return pytree.tree_map_only(torch.Tensor, cut, (args, kwargs))
 
 
-class _ModelFailed(Exception):
-    pass
+class ModelFailed(Exception):
+    """The model itself raised on the example call (eagerly, before any graph ran)."""
 
 
 def _both(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> tuple[Any, Any]:
@@ -116,7 +116,7 @@ def _both(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> t
         try:
             expected = model(*args, **kwargs)
         except Exception as exc:
-            raise _ModelFailed(str(exc)) from exc
+            raise ModelFailed(f"{type(exc).__name__}: {first_line(exc)}") from exc
         torch.manual_seed(0)
         return expected, run_program(gm, args, kwargs)
 
@@ -133,7 +133,7 @@ def check_outputs(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwar
         return
     try:
         expected, actual = _both(model, gm, *_rows(args, kwargs, CHECK_ROWS))
-    except _ModelFailed:  # the model itself needs the full batch: compare on that
+    except ModelFailed:  # the model itself needs the full batch: compare on that
         expected, actual = _both(model, gm, args, kwargs)
     want, want_spec = pytree.tree_flatten(expected)
     got, got_spec = pytree.tree_flatten(actual)
@@ -146,7 +146,7 @@ def check_outputs(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwar
             elif type(w) is not type(g) or w != g:
                 raise AssertionError(f"{g!r} != {w!r}")
         except AssertionError as exc:
-            raise TraceError(f"output leaf {i} differs: {_first_line(exc)}") from exc
+            raise TraceError(f"output leaf {i} differs: {first_line(exc)}") from exc
 
 
 def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> None:
@@ -195,7 +195,7 @@ def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kw
     except Exception as exc:
         raise TypeError(
             f"the traced graph's backward fails where the model's runs: "
-            f"{type(exc).__name__}: {_first_line(exc)}; trace with mode='export'"
+            f"{type(exc).__name__}: {first_line(exc)}; trace with mode='export'"
         ) from exc
     if want is None and got is None:
         return
@@ -214,6 +214,7 @@ def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kw
             )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"

@@ -39,13 +39,21 @@ from partitioner.capture.binding import (
     SIGNATURE_KEY,
     ExportBinder,
     FxBinder,
+    describe_call,
     input_signature,
     output_program,
     program_of,
 )
-from partitioner.capture.checks import batch_size, check_gradients, check_outputs, sync_state_dict
+from partitioner.capture.checks import (
+    ModelFailed,
+    batch_size,
+    check_gradients,
+    check_outputs,
+    first_line,
+    sync_state_dict,
+)
 from partitioner.capture.inplace import functionalize_inplace
-from partitioner.errors import TraceError
+from partitioner.errors import InputError, TraceError
 from runtime.interface import Program
 
 __all__ = ["MODES", "input_signature", "program_of", "trace"]
@@ -93,6 +101,11 @@ def trace(
             check_outputs(model, gm, args, kwargs)
             if name == "fx" and model.training:  # fx drops contexts such as no_grad()
                 check_gradients(model, gm, args, kwargs)
+        except ModelFailed as exc:  # no way of tracing helps a model that cannot run
+            raise InputError(
+                f"{type(model).__name__} fails on the inputs {describe_call(args, kwargs)}: "
+                f"{exc}. Check the inputs' shapes and dtypes against what the model expects"
+            ) from exc
         except Exception as exc:
             logger.debug("trace %s: %s failed", type(model).__name__, name, exc_info=True)
             causes.append((name, exc))
@@ -106,13 +119,8 @@ def trace(
         )
         return gm
     lines = [f"could not trace {type(model).__name__}:"]
-    lines += [f"  {name}: {type(exc).__name__}: {_first_line(exc)}" for name, exc in causes]
+    lines += [f"  {name}: {type(exc).__name__}: {first_line(exc)}" for name, exc in causes]
     raise TraceError("\n".join([*lines, REMEDY])) from causes[-1][1]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 def _set_meta(gm: fx.GraphModule, program: Program) -> fx.GraphModule:
@@ -250,7 +258,12 @@ def _dynamic_shapes(signature: inspect.Signature, args: Args, kwargs: Kwargs) ->
 # A failed export logs warnings and prints its partial graph to stderr; trace reports the
 # failure itself (a TraceError with each mode's cause), so that is noise unless debugging.
 # What a successful export writes to stderr is passed on.
-_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export")
+_EXPORT_LOGGERS = (
+    "torch.fx.experimental.symbolic_shapes",
+    "torch._dynamo",
+    "torch.export",
+    "torch._subclasses.fake_tensor",  # logs an op's traceback at ERROR when its meta fails
+)
 
 
 @contextlib.contextmanager
@@ -261,7 +274,7 @@ def _quiet_torch_export() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
     levels = [log.level for log in loggers]
     for log in loggers:
-        log.setLevel(logging.ERROR)
+        log.setLevel(logging.CRITICAL)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):

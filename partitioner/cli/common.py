@@ -189,8 +189,8 @@ def _check_forward(setup: Setup) -> None:
 
 def check_memory(setup: Setup, devices: list[DeviceSpec]) -> None:
     """Fail before tracing when the weights alone exceed the memory of all devices."""
-    from partitioner.cli.render import fmt_bytes
     from partitioner.errors import InfeasiblePlanError
+    from partitioner.planner.cost import fmt_bytes
 
     if any(d.memory is None for d in devices):
         return

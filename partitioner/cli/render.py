@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from partitioner.errors import ModelSplitError
+from partitioner.planner.cost import fmt_bytes
 from partitioner.planner.plan import Plan
 
 __all__ = [
@@ -60,16 +61,6 @@ INSTALL_GRAPHVIZ = (
 
 class RenderError(ModelSplitError):
     """A picture could not be drawn (the Graphviz program is missing or failed)."""
-
-
-def fmt_bytes(n: float | None) -> str:
-    """``1234567`` -> ``"1.23 MB"`` (decimal units, as ``--memory 16GB`` reads them)."""
-    if n is None:
-        return "-"
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{int(n)} B"
 
 
 def fmt_time(seconds: float) -> str:

@@ -68,9 +68,11 @@ def check_devices(names: list[str]) -> None:
     """Fail early, with the fix, when a device the plan names does not exist here."""
     import torch
 
+    from partitioner.devices import torch_device
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for name in names:
-        dev = torch.device(name)
+        dev = torch_device(name)  # the planner's dev:k names run as CPU workers
         if dev.type == "cuda" and (dev.index or 0) >= gpus:
             cpus = ",".join(f"cpu:{k}" for k in range(len(names)))
             raise PlanError(

@@ -22,6 +22,7 @@ __all__ = [
     "Evaluation",
     "StageCost",
     "evaluate",
+    "fmt_bytes",
     "lower_bound",
     "normalize_devices",
     "parse_bytes",
@@ -137,6 +138,16 @@ def validate_graph(graph: nx.DiGraph) -> None:
                 raise ValueError(f"node {node!r}: {attr} must be finite and >= 0 (got {value})")
 
 
+def fmt_bytes(n: float | None) -> str:
+    """``1234567`` -> ``"1.23 MB"`` (decimal units, as ``--memory 16GB`` reads them)."""
+    if n is None:
+        return "-"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
 def bandwidth_between(bandwidth: Bandwidth, src: int, dst: int) -> float:
     if isinstance(bandwidth, int | float):
         return float(bandwidth)
@@ -245,7 +256,8 @@ def evaluate(
     for k, spec in enumerate(specs):
         if spec.memory is not None and params[k] + acts[k] > spec.memory:
             violations.append(
-                f"stage {k} needs {params[k] + acts[k]} bytes on {spec.name} (limit {spec.memory})"
+                f"stage {k} needs {fmt_bytes(params[k] + acts[k])} on {spec.name} "
+                f"(limit {fmt_bytes(spec.memory)})"
             )
         cost = time[k] / spec.speed + comm_time[k]
         stages.append(StageCost(time[k], in_bytes[k], cost, params[k], acts[k], count[k]))

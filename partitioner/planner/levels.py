@@ -10,7 +10,7 @@ import networkx as nx
 from partitioner.errors import InfeasiblePlanError
 from partitioner.planner.baselines import POLICIES, baseline_stages
 from partitioner.planner.coarsen import Coarsening
-from partitioner.planner.cost import Bandwidth, DeviceSpec
+from partitioner.planner.cost import Bandwidth, DeviceSpec, fmt_bytes
 from partitioner.planner.formulation import IlpInput
 from partitioner.planner.heuristics import (
     Indexed,
@@ -147,15 +147,20 @@ def incumbent(
 
 
 def memory_message(graph: nx.DiGraph, specs: Sequence[DeviceSpec], why: str) -> str:
+    """Why the model cannot fit, in units a person reads, and what to change."""
     need = {v: int(d["param_bytes"]) + int(d["act_bytes"]) for v, d in graph.nodes(data=True)}
     big = max(need, key=lambda v: (need[v], str(v)))
     limits = [s.memory for s in specs]
-    offer = "unlimited" if None in limits else str(sum(m for m in limits if m is not None))
-    largest = "unlimited" if None in limits else str(max(m for m in limits if m is not None))
+    offer = "unlimited" if None in limits else fmt_bytes(sum(m for m in limits if m is not None))
+    largest = "unlimited" if None in limits else fmt_bytes(max(m for m in limits if m is not None))
+    if why == "largest node":
+        fix = f"give one device at least {fmt_bytes(need[big])}"
+    else:
+        fix = f"raise the memory limits (at least {fmt_bytes(sum(need.values()))} in all)"
     return (
-        f"the model does not fit the devices ({why}): it needs {sum(need.values())} bytes "
-        f"in all and {need[big]} bytes for its largest node {big!r}; the devices offer "
-        f"{offer} bytes in all and {largest} bytes at most on one device"
+        f"the model does not fit the devices ({why}): it needs {fmt_bytes(sum(need.values()))} "
+        f"in all and {fmt_bytes(need[big])} for its largest node {big!r}, the devices offer "
+        f"{offer} in all and {largest} at most on one device: {fix}, or add devices"
     )
 
 
