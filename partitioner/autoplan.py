@@ -27,7 +27,6 @@ __all__ = [
     "Compiled",
     "Options",
     "auto_partition",
-    "default_chunks",
     "signature_key",
     "trace_profile_solve",
     "weight_source",
@@ -79,12 +78,6 @@ class Options:
     trace_mode: str = "auto"
     leaf_modules: tuple[Any, ...] = ()
     cost: str = "time"
-
-
-def default_chunks(num_devices: int) -> int:
-    # GPipe wants m >> n to shrink the bubble (n-1)/(m+n-1); 2n keeps micro-batches large
-    # enough for CPU kernels to stay efficient.
-    return 1 if num_devices == 1 else 2 * num_devices
 
 
 def trace_profile_solve(

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "DEFAULT_INT_HIGH",
+    "INT_DTYPES",
     "InputSpec",
     "UsageError",
     "build_inputs",
@@ -64,6 +66,8 @@ class UsageError(ModelSplitError, ValueError):
 
 
 _FLOATS = frozenset({"float32", "float64", "float16", "bfloat16"})
+#: the names --dtype accepts for integer tensors (ids: drawn from [0, N) with ``name:N``)
+INT_DTYPES = frozenset(name for name, d in DTYPES.items() if d not in _FLOATS and d != "bool")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,7 +14,6 @@ from partitioner.autoplan import (
     Compiled,
     Options,
     auto_partition,
-    default_chunks,
     signature_key,
     trace_profile_solve,
     weight_source,
@@ -22,7 +22,7 @@ from partitioner.capture.binding import describe_signature
 from partitioner.devices import MemoryLike, check_available, resolve_devices, torch_device
 from partitioner.errors import InputError
 from partitioner.planner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec
-from partitioner.planner.plan import Plan
+from partitioner.planner.plan import Plan, default_chunks
 from partitioner.replan import HostCopy, survivors, timed_replan
 from partitioner.splitting.cut import split
 from partitioner.splitting.retarget import place
@@ -105,6 +105,8 @@ class ModelSplitter(nn.Module):
         _check_options(chunks, on_failure, recovery, state_dict_path, stage_timeout, backward)
         if plan is not None and devices is None and num_devices is None:
             devices = list(plan.device_specs)
+        if devices is None and num_devices is None:
+            num_devices = _every_gpu()
         specs = resolve_devices(num_devices, devices, memory, speed)
         check_available([s.name for s in specs])
         if plan is not None:
@@ -345,3 +347,16 @@ def _check_options(
             "backward='pipelined' cannot re-run lost micro-batches (on_failure='replan'): "
             "use backward='autograd' with it"
         )
+
+
+def _every_gpu() -> int:
+    """No device count given: every GPU there is, or one CPU worker, said out loud."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.cuda.device_count()
+    warnings.warn(
+        "ModelSplitter: no num_devices or devices given and no GPU here, so the model runs "
+        "as one stage on cpu:0 (nothing is split); pass num_devices=N for N CPU workers",
+        UserWarning,
+        stacklevel=3,
+    )
+    return 1

@@ -331,3 +331,25 @@ def test_run_train_checks_gradients(
     train = json.loads(out)["train"]
     assert train["ok"] and train["backward"] == backward
     assert train["max_grad_error"] < 1e-5 and train["throughput"] > 0
+
+
+def test_default_chunks_shrink_to_a_small_batch_and_say_so(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    small = ["--factory-kwargs", '{"width": 16, "depth": 2}', "--input-shape", "4,16"]
+    run = cli("plan", MLP, *small, *FAST, "--devices", "4", "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "4 micro-batches, one per row: the default 8 exceeds the batch size 4" in run.stderr
+    assert json.loads(out.read_text())["chunks"] == 4
+    given = cli("plan", MLP, *small, *FAST, "--devices", "4", "--chunks", "8", "-o", "-")
+    assert given.returncode == 2 and "--chunks 8 exceeds the batch size 4" in given.stderr
+
+
+def test_integer_inputs_without_a_range_say_which_range(tmp_path: Path) -> None:
+    gpt = str(ROOT / "examples" / "models.py") + ":gpt"
+    config = '{"vocab": 64, "dim": 16, "layers": 1, "heads": 2, "max_len": 16}'
+    args = ["--factory-kwargs", config, "--input-shape", "4,8", *FAST, "--devices", "2"]
+    run = cli("plan", gpt, *args, "--dtype", "int64", "-o", "-", "--format", "json")
+    assert run.returncode == 0, run.stderr
+    assert "integers are drawn from [0, 2); give int64:N" in run.stderr
+    ranged = cli("plan", gpt, *args, "--dtype", "int64:64", "-o", "-", "--format", "json")
+    assert ranged.returncode == 0 and "drawn from" not in ranged.stderr

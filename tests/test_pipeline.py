@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import _thread
+import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -301,16 +302,31 @@ def test_exception_stops_the_pipeline_early() -> None:
 
 
 def test_keyboard_interrupt_stops_cleanly() -> None:
+    # A real SIGINT, while the main thread waits on the workers: the stage that sends it
+    # holds its micro-batch until the main thread has taken the interrupt, so the call
+    # cannot finish first (the simulated interrupt_main() could land after it, and flaked).
+    taken = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        taken.set()
+        raise KeyboardInterrupt
+
     class Interrupt(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            _thread.interrupt_main()
+            if not taken.is_set():
+                os.kill(os.getpid(), signal.SIGINT)
+                assert taken.wait(10), "the main thread never took the interrupt"
             return x
 
     before = threading.active_count()
     pipe = Pipeline([nn.Identity(), Interrupt(), nn.Identity()], ["cpu"] * 3, chunks=8)
-    with pytest.raises(KeyboardInterrupt):
-        pipe(torch.randn(8, 2))
-        time.sleep(1)  # the interrupt lands at the latest here
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipe(torch.randn(8, 2))
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert taken.is_set()
     assert threading.active_count() == before
 
 

@@ -263,3 +263,10 @@ def test_a_plan_from_solve_with_abstract_devices_runs_on_cpu_workers() -> None:
     plan = solve(profile(gm, (x,)), devices=2)  # devices named dev:0, dev:1
     splitter = ModelSplitter.from_plan(model, plan)
     torch.testing.assert_close(splitter(x), model(x))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_no_device_count_and_no_gpu_warns_that_nothing_is_split() -> None:
+    with pytest.warns(UserWarning, match=r"one stage on cpu:0 \(nothing is split\)"):
+        splitter = ModelSplitter(MyModel())
+    assert splitter.devices == ["cpu:0"]

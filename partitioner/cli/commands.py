@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import networkx as nx
 
 from partitioner.cli.common import (
-    check_chunks,
     check_memory,
+    fit_chunks,
     load_setup,
     planner_options,
     profile_setup,
@@ -58,7 +59,7 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     with out.progress(4) as step:
         step(f"loading {args.model}")
         setup = load_setup(args)
-        check_chunks(setup, opts.chunks)
+        opts = replace(opts, chunks=fit_chunks(setup, opts.chunks, opts.given_chunks, out))
         check_memory(setup, opts.devices)
         graph = profile_setup(setup, args, opts.chunks, step)
         step(f"solving ({graph.number_of_nodes()} nodes, time limit {args.time_limit:g}s)")

@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from partitioner.cli.output import Output
 from partitioner.loader import (
+    DEFAULT_INT_HIGH,
+    INT_DTYPES,
     UsageError,
     build_inputs,
     check_target,
@@ -24,7 +27,7 @@ from partitioner.loader import (
     load_model,
     parse_json,
 )
-from partitioner.planner.plan import Plan
+from partitioner.planner.plan import Plan, default_chunks
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -36,8 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Setup",
-    "check_chunks",
     "check_memory",
+    "fit_chunks",
     "load_setup",
     "parse_devices",
     "planner_options",
@@ -71,6 +74,7 @@ class PlannerOptions:
     devices: list[DeviceSpec]
     bandwidth: float
     chunks: int
+    given_chunks: bool = True  # --chunks was on the command line (else: the default)
 
 
 def _usage(option: str, value: Any, exc: Exception) -> UsageError:
@@ -142,13 +146,8 @@ def planner_options(args: argparse.Namespace) -> PlannerOptions:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     parse_model_options(args)  # fail on a typo before torch is imported
     devices = parse_devices(args.devices, args.memory, args.speed)
-    chunks = args.chunks if args.chunks is not None else _default_chunks(len(devices))
-    return PlannerOptions(devices, bandwidth, chunks)
-
-
-def _default_chunks(num_devices: int) -> int:
-    # As ModelSplitter does: GPipe wants m >> n; 2n keeps CPU micro-batches efficient.
-    return 1 if num_devices == 1 else 2 * num_devices
+    chunks = args.chunks if args.chunks is not None else default_chunks(len(devices))
+    return PlannerOptions(devices, bandwidth, chunks, given_chunks=args.chunks is not None)
 
 
 def parse_model_options(
@@ -165,6 +164,15 @@ def parse_model_options(
 def load_setup(args: argparse.Namespace) -> Setup:
     """Parse the model options, load the model, and check that it takes the inputs."""
     factory_kwargs, call_kwargs, specs = parse_model_options(args)
+    for text in args.dtype or ():
+        if ":" not in text and text.strip().lower() in INT_DTYPES:
+            log.warning(
+                "--dtype %s: integers are drawn from [0, %d); give %s:N (a vocabulary size) "
+                "for ids below N",
+                text,
+                DEFAULT_INT_HIGH,
+                text,
+            )
     model = load_model(args.model, factory_kwargs)
     model.eval()
     inputs, kwargs = build_inputs(specs, call_kwargs, seed=args.seed)
@@ -206,12 +214,21 @@ def check_memory(setup: Setup, devices: list[DeviceSpec]) -> None:
         )
 
 
-def check_chunks(setup: Setup, chunks: int) -> None:
-    if chunks > setup.batch:
+def fit_chunks(setup: Setup, chunks: int, given: bool, out: Output) -> int:
+    """The micro-batch count for this batch: ``--chunks`` as given (more than the batch has
+    rows is a usage error), or the default cut to the batch size, as ModelSplitter does."""
+    if chunks <= setup.batch:
+        return chunks
+    if given:
         raise UsageError(
             f"--chunks {chunks} exceeds the batch size {setup.batch}: use a bigger batch "
             f"(first --input-shape dimension) or fewer chunks"
         )
+    out.note(
+        f"note: {setup.batch} micro-batches, one per row: the default {chunks} exceeds the "
+        f"batch size {setup.batch} (give --chunks to choose)"
+    )
+    return setup.batch
 
 
 def profile_setup(setup: Setup, args: argparse.Namespace, chunks: int, step: Any) -> nx.DiGraph:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 from partitioner.cli.common import (
-    check_chunks,
+    fit_chunks,
     load_setup,
     planner_options,
     profile_setup,
@@ -76,7 +77,7 @@ def compare(args: argparse.Namespace, out: Output) -> int:
     with out.progress(4 + len(policies)) as step:
         step(f"loading {args.model}")
         setup = load_setup(args)
-        check_chunks(setup, opts.chunks)
+        opts = replace(opts, chunks=fit_chunks(setup, opts.chunks, opts.given_chunks, out))
         graph = profile_setup(setup, args, opts.chunks, step)
         step(f"solving ({graph.number_of_nodes()} nodes, time limit {args.time_limit:g}s)")
         try:

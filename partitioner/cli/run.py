@@ -9,7 +9,7 @@ from typing import Any
 
 from partitioner.cli.common import (
     Setup,
-    check_chunks,
+    fit_chunks,
     load_setup,
     parse_devices,
     parse_model_options,
@@ -164,7 +164,7 @@ def run_plan(args: argparse.Namespace, out: Output) -> int:
         step(f"loading {args.model}")
         setup = load_setup(args)
         _check_plan_fits(plan, setup)
-        check_chunks(setup, chunks)
+        chunks = fit_chunks(setup, chunks, args.chunks is not None, out)
         note = _signature_note(plan, setup)
         if note:
             out.note(note)

@@ -33,6 +33,13 @@ SCHEMA = "modelsplit.plan/1"
 STATUSES = ("optimal", "feasible", "heuristic", "baseline")
 
 
+def default_chunks(num_devices: int) -> int:
+    """Micro-batches per batch when none are asked for: ModelSplitter's and the CLI's."""
+    # GPipe wants m >> n to shrink the bubble (n-1)/(m+n-1); 2n keeps micro-batches large
+    # enough for CPU kernels to stay efficient.
+    return 1 if num_devices == 1 else 2 * num_devices
+
+
 @dataclass(frozen=True)
 class StageInfo:
     """Predicted figures of one stage (times in seconds, sizes in bytes)."""
