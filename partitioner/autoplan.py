@@ -27,6 +27,8 @@ __all__ = [
     "Compiled",
     "Options",
     "auto_partition",
+    "capture",
+    "profile_for",
     "signature_key",
     "trace_profile_solve",
     "weight_source",
@@ -91,13 +93,9 @@ def trace_profile_solve(
 ) -> tuple[torch.fx.GraphModule, Any, Plan]:
     """trace -> profile -> solve; with a given ``plan``, validate it instead of solving."""
     t0 = time.perf_counter()
-    gm = trace(
-        model, tuple(args), dict(kwargs), leaf_modules=opts.leaf_modules, mode=opts.trace_mode
-    )
-    share_tensors(gm, model)
+    gm = capture(model, args, kwargs, opts.leaf_modules, opts.trace_mode)
     t1 = time.perf_counter()
-    with _stage_threads(specs):
-        graph = profile(gm, tuple(args), dict(kwargs), chunks=chunks, cost=opts.cost)
+    graph = profile_for(gm, args, kwargs, specs, chunks, opts.cost)
     t2 = time.perf_counter()
     if plan is not None:
         plan.validate(graph.nodes, graph)
@@ -126,6 +124,36 @@ def trace_profile_solve(
         100 * plan.gap,
     )
     return gm, graph, plan
+
+
+def capture(
+    model: nn.Module,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    leaf_modules: Sequence[Any] = (),
+    mode: str = "auto",
+) -> torch.fx.GraphModule:
+    """`trace`, with the traced module holding the model's own weights."""
+    gm = trace(model, tuple(args), dict(kwargs), leaf_modules=leaf_modules, mode=mode)
+    share_tensors(gm, model)
+    return gm
+
+
+def profile_for(
+    gm: torch.fx.GraphModule,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    specs: Sequence[DeviceSpec],
+    chunks: int,
+    cost: str = "time",
+) -> Any:
+    """`profile` as the stages will run: with the intra-op threads a CPU stage worker gets.
+
+    The one profiling path of ModelSplitter, auto_partition and the CLI, so a plan made on
+    the command line is the plan the API makes.
+    """
+    with _stage_threads(specs):
+        return profile(gm, tuple(args), dict(kwargs), chunks=chunks, cost=cost)
 
 
 @contextlib.contextmanager

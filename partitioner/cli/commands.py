@@ -61,7 +61,7 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
         setup = load_setup(args)
         opts = replace(opts, chunks=fit_chunks(setup, opts.chunks, opts.given_chunks, out))
         check_memory(setup, opts.devices)
-        graph = profile_setup(setup, args, opts.chunks, step)
+        graph = profile_setup(setup, args, opts, step)
         step(f"solving ({graph.number_of_nodes()} nodes, time limit {args.time_limit:g}s)")
         plan = solve_plan(graph, setup, args, opts)
     print_plan(plan, out, args.format, graph)

@@ -231,14 +231,16 @@ def fit_chunks(setup: Setup, chunks: int, given: bool, out: Output) -> int:
     return setup.batch
 
 
-def profile_setup(setup: Setup, args: argparse.Namespace, chunks: int, step: Any) -> nx.DiGraph:
-    from partitioner.capture.tracer import trace
-    from partitioner.profiling.costgraph import profile
+def profile_setup(
+    setup: Setup, args: argparse.Namespace, opts: PlannerOptions, step: Any
+) -> nx.DiGraph:
+    """Trace and profile as ModelSplitter does (one path: `partitioner.autoplan`)."""
+    from partitioner.autoplan import capture, profile_for
 
     step(f"tracing {type(setup.model).__name__}")
-    gm = trace(setup.model, setup.args, setup.kwargs, mode=args.trace_mode)
+    gm = capture(setup.model, setup.args, setup.kwargs, mode=args.trace_mode)
     step(f"profiling {len(gm.graph.nodes)} nodes", hand_over=True)
-    return profile(gm, setup.args, setup.kwargs, chunks=chunks, cost=args.cost)
+    return profile_for(gm, setup.args, setup.kwargs, opts.devices, opts.chunks, args.cost)
 
 
 @contextlib.contextmanager

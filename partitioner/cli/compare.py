@@ -78,7 +78,7 @@ def compare(args: argparse.Namespace, out: Output) -> int:
         step(f"loading {args.model}")
         setup = load_setup(args)
         opts = replace(opts, chunks=fit_chunks(setup, opts.chunks, opts.given_chunks, out))
-        graph = profile_setup(setup, args, opts.chunks, step)
+        graph = profile_setup(setup, args, opts, step)
         step(f"solving ({graph.number_of_nodes()} nodes, time limit {args.time_limit:g}s)")
         try:
             ilp: Plan | None = solve_plan(graph, setup, args, opts)

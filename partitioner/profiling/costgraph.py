@@ -65,8 +65,9 @@ def profile(
     """Profile ``gm`` (from `trace`) on a micro-batch of the example call.
 
     Batched tensor inputs (dim 0 equal to the batch size) are cut to
-    ``ceil(batch / chunks)`` rows. ``cost="time"`` times each node: the median of
-    ``repeat`` passes, after a warm-up pass that also counts FLOPs and bytes.
+    ``ceil(batch / chunks)`` rows. ``cost="time"`` times each node: its fastest of
+    ``repeat`` passes (more when runs disagree: [Note: timing on a busy machine]), after a
+    warm-up pass that also counts FLOPs and bytes.
     ``cost="flops"`` estimates ``flops / peak_flops + bytes moved / mem_bandwidth``
     without timing, and runs on the ``meta`` device when the parameters live
     there. See [Note: act_bytes].
