@@ -39,6 +39,7 @@ test: lint
 
 bench: setup
 	$(BIN)/python benchmarks/planner.py
+	$(BIN)/python benchmarks/plan_stability.py
 	$(BIN)/python benchmarks/runtime.py
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/recovery.py

@@ -5,7 +5,7 @@
 A GPT (examples/models.py: 4 layers, width 128, tied LM head) is split over four devices
 (CPU workers without four GPUs) with ``on_failure="replan"``. Each round puts the four
 devices back (`ModelSplitter.revive`), then makes the device of one stage fail as it starts
-a middle micro-batch (`runtime.recovery.faults.inject_failure`) and times:
+a middle micro-batch (`runtime.recovery.drill.inject_failure`) and times:
 
 - re-plan: solve on the three survivors from the cached CostGraph, re-split, re-place;
 - the recovered call, end to end (failure, re-plan, re-run of the unfinished micro-batches),

@@ -35,6 +35,9 @@ __all__ = ["Measurements", "measure", "nbytes", "tensor_key", "tree_nbytes"]
 logger = logging.getLogger(__name__)
 
 PROGRESS_AFTER_S = 1.0
+#: a node's seconds from its timed runs: the fastest ([Note: timing on a busy machine]);
+#: `benchmarks/plan_stability.py` sets the median beside it
+ESTIMATE: Callable[[list[float]], float] = min
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -226,7 +229,7 @@ def _time(
                     for n in noisy[:3]
                 ),
             )
-    return {name: min(s) for name, s in samples.items()}
+    return {name: ESTIMATE(s) for name, s in samples.items()}
 
 
 #: a node's timing disagrees when its median is over this many times its fastest run...
