@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from partitioner.autoplan import (
     Compiled,
     Options,
     auto_partition,
+    capture,
     signature_key,
     trace_profile_solve,
     weight_source,
@@ -132,7 +134,10 @@ class ModelSplitter(nn.Module):
             _cache={},
             _current=None,
             _given_plan=plan,
+            _lock=threading.RLock(),  # re-planning and the plan cache, for concurrent calls
         )
+        #: the fire drills armed on this splitter (`runtime.inject_failure`)
+        self.drills: list[Any] = []
         self.chunks = chunks if chunks is not None else default_chunks(len(specs))
         self.checkpoint = checkpoint
         self.reducer = reducer
@@ -142,9 +147,8 @@ class ModelSplitter(nn.Module):
         self.stage_timeout = stage_timeout
         self.recovery = recovery
         self.failed_devices: list[str] = []
-        self.recoveries: list[
-            Any
-        ] = []  # runtime.recovery.resume.Recovery of each call that met one
+        # runtime.recovery.resume.Recovery of each call that met one
+        self.recoveries: list[Any] = []
         # Register the model's children and own tensors under their own names: the
         # splitter's parameters *are* the model's, and the stages share them too.
         self._modules.update(model._modules)
@@ -165,6 +169,22 @@ class ModelSplitter(nn.Module):
             plan = Plan.load(plan)
         kwargs.setdefault("chunks", plan.chunks if plan.chunks > 1 else None)
         return cls(model, plan=plan, **kwargs)
+
+    # -- one mode, the model's ------------------------------------------------
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        """The model's own mode: ``splitter.train()``/``.eval()`` set it, ``model.train()``
+        shows here, and each mode is traced and planned as the model runs in it."""
+        model = self.__dict__.get("_model")
+        return bool(model.training) if model is not None else self.__dict__["_training"]
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_model")
+        if model is None:  # nn.Module.__init__, before the model is kept
+            self.__dict__["_training"] = mode
+        else:
+            model.training = mode
 
     # -- what users look at -------------------------------------------------
     @property
@@ -211,12 +231,17 @@ class ModelSplitter(nn.Module):
         return output
 
     def _compiled(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Compiled:
+        with self.__dict__["_lock"]:
+            return self._compiled_locked(args, kwargs)
+
+    def _compiled_locked(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Compiled:
         key = signature_key(args, kwargs, self.training)
         cache: dict[Any, Compiled] = self.__dict__["_cache"]
         compiled = cache.get(key)
         if compiled is None:
             try:
-                compiled = self._compile(args, kwargs)
+                twin = cache.get((*key[:-1], not key[-1]))  # the same inputs, other mode
+                compiled = self._compile(args, kwargs, twin)
             except InputError as exc:
                 planned = [describe_signature(c.plan.signature) for c in cache.values()]
                 if not planned:
@@ -230,7 +255,12 @@ class ModelSplitter(nn.Module):
         self.__dict__["_current"] = compiled
         return compiled
 
-    def _compile(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Compiled:
+    def _compile(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], twin: Compiled | None = None
+    ) -> Compiled:
+        reused = self._reuse(args, kwargs, twin) if twin is not None else None
+        if reused is not None:
+            return reused
         gm, graph, plan = trace_profile_solve(
             self.model,
             args,
@@ -244,6 +274,25 @@ class ModelSplitter(nn.Module):
         compiled = Compiled(plan, stages, None, graph, gm, self.__dict__["_generation"])
         compiled.pipeline = self._build_pipeline(stages, plan, compiled)
         return compiled
+
+    def _reuse(self, args: Sequence[Any], kwargs: Mapping[str, Any], twin: Compiled) -> Any:
+        """After a train/eval switch: trace in the new mode, and when the graph is the one
+        planned for the other mode, split it with that plan instead of profiling and solving
+        again (with memory limits the activations differ by mode, so those plan anew)."""
+        if any(s.memory is not None for s in self.__dict__["_specs"]):
+            return None
+        opts = self.__dict__["_opts"]
+        gm = capture(self.model, args, kwargs, opts.leaf_modules, opts.trace_mode)
+        if _structure(gm) != _structure(twin.gm):
+            return None
+        log.info("%s mode: same graph as the other mode, plan reused", self._mode())
+        stages = split(gm, twin.plan)
+        compiled = Compiled(twin.plan, stages, None, twin.graph, gm, self.__dict__["_generation"])
+        compiled.pipeline = self._build_pipeline(stages, twin.plan, compiled)
+        return compiled
+
+    def _mode(self) -> str:
+        return "train" if self.training else "eval"
 
     def _build_pipeline(
         self, stages: list[torch.fx.GraphModule], plan: Plan, compiled: Compiled
@@ -265,19 +314,27 @@ class ModelSplitter(nn.Module):
             deferred_batch_norm=self.deferred_batch_norm,
             stage_timeout=self.stage_timeout,
         )
-        pipeline.__dict__["device_names"] = list(
-            plan.devices
-        )  # runtime.recovery.faults.device_names
+        # the plan's names for runtime.recovery.faults.device_names ("cpu:3", not "cpu")
+        pipeline.__dict__["device_names"] = list(plan.devices)
+        for drill in list(self.drills):  # armed drills fire on every pipeline it builds
+            drill.attach(pipeline)
         return pipeline
 
     # -- fault tolerance (partitioner/replan.py, runtime/recovery/resume.py) --------
     def _replan(self, compiled: Compiled, failure: Any) -> Any:
-        """Re-plan ``compiled`` off a failed device: [Note: re-planning]."""
-        if failure.device not in self.failed_devices:
-            self.failed_devices.append(failure.device)
-        self._set_devices()
-        self._refit(compiled)
-        return compiled.pipeline
+        """Re-plan ``compiled`` off a failed device: [Note: re-planning]. Concurrent calls
+        that meet the same failure re-plan once: the later ones take the new pipeline."""
+        with self.__dict__["_lock"]:
+            if (
+                failure.device in self.failed_devices
+                and failure.device not in compiled.plan.devices
+            ):
+                return compiled.pipeline  # another call re-planned it already
+            if failure.device not in self.failed_devices:
+                self.failed_devices.append(failure.device)
+            self._set_devices()
+            self._refit(compiled)
+            return compiled.pipeline
 
     def _set_devices(self) -> None:
         offered = self.__dict__["_offered"]
@@ -360,3 +417,11 @@ def _every_gpu() -> int:
         stacklevel=3,
     )
     return 1
+
+
+def _structure(gm: torch.fx.GraphModule) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """What a plan depends on in a traced graph: its nodes, their ops and their inputs."""
+    return [
+        (n.name, n.op, str(n.target), tuple(a.name for a in n.all_input_nodes))
+        for n in gm.graph.nodes
+    ]

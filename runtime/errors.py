@@ -14,7 +14,7 @@ class StageError(RuntimeError):
     the exception the stage raised (``isinstance(err.original, torch.cuda.OutOfMemoryError)``),
     ``stage``/``device``/``microbatch`` say where, and ``completed`` maps the micro-batches
     whose last stage had finished to their outputs, for a caller that wants to retry only
-    the rest.
+    the rest; ``sizes`` are the call's micro-batch sizes.
     """
 
     def __init__(
@@ -30,6 +30,8 @@ class StageError(RuntimeError):
         self.microbatch = microbatch
         self.original = original
         self.completed: dict[int, Any] = dict(completed or {})
+        #: the micro-batch sizes of the call that failed (set by `Pipeline.run_call`)
+        self.sizes: list[int] = []
         super().__init__(
             f"stage {stage} on {device} failed on micro-batch {microbatch}: "
             f"{type(original).__name__}: {original}"

@@ -63,6 +63,10 @@ class RunRecord:
         return len(self.sizes)
 
 
+#: `Pipeline.run_call`'s "the pipeline's own reducer" (None is a reducer choice too)
+_SAME: Any = object()
+
+
 def _device(device: DeviceLike) -> torch.device:
     try:
         parsed = torch.device(device)
@@ -158,10 +162,28 @@ class Pipeline(nn.Module):
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """One call with no recovery: the first failure is raised as a `StageError`."""
-        env = self._route.bind(args, kwargs)
+        return self.run_call(args, kwargs)[0]
+
+    def run_call(
+        self,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        chunks: int | None = None,
+        reducer: Any = _SAME,
+    ) -> tuple[Any, RunRecord]:
+        """`run`, with this call's own micro-batch count and reducer, and its `RunRecord`.
+
+        Nothing of the call lives on the pipeline but ``last_run`` (the latest call's, for
+        people), so concurrent calls cannot change each other's; the `StageError` a failed
+        call raises carries its micro-batch sizes as ``sizes`` (for re-running the rest).
+        """
+        chunks = self.chunks if chunks is None else chunks
+        reducer = self.reducer if reducer is _SAME else reducer
+        env = self._route.bind(tuple(args), dict(kwargs))
         if self._transfer.cpu_only:
             env = self._transfer.to_cpu(env)
-        batches, sizes = scatter(env, self.chunks)
+        batches, sizes = scatter(env, chunks)
         record = self.last_run = RunRecord(sizes)
         run = _Run(self, [dict(b) for b in batches], record)
         # The caller's values per micro-batch, for the pipelined backward's input gradients.
@@ -182,6 +204,9 @@ class Pipeline(nn.Module):
                 ),
             ):
                 run.start(in_queues, out_queue)
+        except StageError as err:
+            err.sizes = list(sizes)
+            raise
         finally:
             # torch.set_num_threads in a worker also changes torch's process-wide default,
             # which new threads pick up: put it back ([Note: intra-op threads]).
@@ -190,8 +215,8 @@ class Pipeline(nn.Module):
         if run.graphs is not None:
             leaves = _backward.attach(self, run.graphs, caller, pieces, sizes)
         else:
-            leaves = gather(pieces, sizes, self.reducer)
-        return self._route.unflatten(_put_consts(leaves, self._route.output_leaves))
+            leaves = gather(pieces, sizes, reducer)
+        return self._route.unflatten(_put_consts(leaves, self._route.output_leaves)), record
 
     def extra_repr(self) -> str:
         devices = ", ".join(str(d) for d in self.devices)

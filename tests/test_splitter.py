@@ -10,6 +10,7 @@ import torch
 from partitioner import ModelSplitter, PlanError, auto_partition, trace
 from partitioner.devices import resolve_devices
 from partitioner.examples import MyModel, small
+from runtime import inject_failure
 
 
 def test_seed_example_verbatim_then_batch_37() -> None:
@@ -270,3 +271,66 @@ def test_no_device_count_and_no_gpu_warns_that_nothing_is_split() -> None:
     with pytest.warns(UserWarning, match=r"one stage on cpu:0 \(nothing is split\)"):
         splitter = ModelSplitter(MyModel())
     assert splitter.devices == ["cpu:0"]
+
+
+# -- one mode, the model's --------------------------------------------------------------------
+
+
+class _FunctionalDropout(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.dropout(torch.relu(self.a(x)), 0.5, self.training)
+        return self.b(h)
+
+
+def test_the_splitter_and_the_model_share_one_mode() -> None:
+    model = _FunctionalDropout().eval()
+    x = torch.randn(8, 16)
+    splitter = ModelSplitter(model, devices=["cpu:0", "cpu:1"], example_inputs=(x,))
+    assert splitter.training is False  # the model's mode, not nn.Module's default
+    splitter.train()
+    assert model.training is True
+    assert not torch.equal(splitter(x), splitter(x))  # the training graph: dropout
+    splitter.eval()
+    assert model.training is False
+    torch.testing.assert_close(splitter(x), model(x))  # and no dropout in eval
+    model.train()
+    assert splitter.training is True
+
+
+def test_a_mode_switch_reuses_the_plan_when_the_graph_is_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import partitioner.splitter as splitter_module
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.5), torch.nn.Tanh())
+    x = torch.randn(8, 16)
+    splitter = ModelSplitter(model, devices=["cpu:0", "cpu:1"], example_inputs=(x,))
+    plan = splitter.plan
+    calls: list[int] = []
+    original = splitter_module.trace_profile_solve
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(splitter_module, "trace_profile_solve", counting)
+    splitter.eval()
+    torch.testing.assert_close(splitter(x), model(x))
+    assert calls == [] and splitter.plan is plan  # traced anew, not profiled or solved
+
+
+def test_a_drill_still_fires_after_a_mode_switch() -> None:
+    model = _FunctionalDropout().eval()
+    x = torch.randn(8, 16)
+    splitter = ModelSplitter(
+        model, devices=["cpu:0", "cpu:1"], on_failure="replan", example_inputs=(x,)
+    )
+    with inject_failure(splitter, stage=1, microbatch=0) as lost:
+        splitter.train()  # a pipeline the drill was not armed on yet
+        splitter(x)
+    assert splitter.failed_devices == [lost]
+    assert len(splitter.recoveries) == 1

@@ -41,6 +41,13 @@ class _Injector:
             time.sleep(self.hang)  # a hung device: the pipeline's stage_timeout notices
         raise DeviceFailure(name, f"injected failure (from micro-batch {self.microbatch})")
 
+    def attach(self, pipe: Any) -> None:
+        """Arm this failure on ``pipe`` too: a pipeline its splitter built while the drill
+        runs (after a train/eval switch, or for another input structure)."""
+        if self.active:
+            self.pipelines.append(weakref.ref(pipe))
+            pipe.on_task = _InjectHook(self, tuple(device_names(pipe)), pipe.on_task)
+
 
 @dataclass(frozen=True, eq=False)
 class _InjectHook:
@@ -102,9 +109,14 @@ def inject_failure(
     injector = _Injector(names[stage], microbatch, hang)
     injector.pipelines.append(weakref.ref(pipe))
     pipe.on_task = _InjectHook(injector, tuple(names), pipe.on_task)
+    drills = getattr(target, "drills", None)  # a ModelSplitter arms its next pipelines too
+    if isinstance(drills, list):
+        drills.append(injector)
     try:
         yield injector.device
     finally:
+        if isinstance(drills, list) and injector in drills:
+            drills.remove(injector)
         injector.active = False
         for ref in injector.pipelines:
             held = ref()

@@ -24,6 +24,7 @@ micro-batch and an inference call keeps the outputs that had reached another dev
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -70,7 +71,8 @@ class Recovery:
 
 # A pipeline that was replaced, to the one that replaced it; and each call's Recovery.
 _successor: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-_recovery: weakref.WeakKeyDictionary[Any, Recovery] = weakref.WeakKeyDictionary()
+#: per thread: {pipeline: the Recovery of that thread's latest call of it}
+_local = threading.local()
 
 
 def latest(pipe: Any) -> Any:
@@ -81,22 +83,31 @@ def latest(pipe: Any) -> Any:
 
 
 def last_recovery(pipe: Any) -> Recovery | None:
-    """The `Recovery` of ``pipe``'s latest call, or None if that call met no failure."""
-    return _recovery.get(pipe)
+    """The `Recovery` of this thread's latest call of ``pipe``, or None if that call met no
+    failure (each thread sees its own calls: concurrent calls do not mix their records)."""
+    return _recoveries().get(pipe)
+
+
+def _recoveries() -> weakref.WeakKeyDictionary[Any, Recovery]:
+    records = getattr(_local, "recoveries", None)
+    if records is None:
+        records = _local.recoveries = weakref.WeakKeyDictionary()
+    return records
 
 
 def resume(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     """``pipe(*args, **kwargs)`` surviving device failures; see [Note: resuming a call]."""
-    _recovery.pop(pipe, None)
+    records = _recoveries()
+    records.pop(pipe, None)
     current = latest(pipe)
     t0 = time.perf_counter()
     try:
-        return current.run(*args, **kwargs)
+        return current.run_call(args, kwargs)[0]
     except StageError as err:
         if not is_device_failure(err):
             raise
         error = err
-    sizes = list(current.last_run.sizes)
+    sizes = list(error.sizes)  # this call's own: another thread may be running too
     done: dict[int, Any] = {}
     lost = list(range(len(sizes)))
     record = Recovery()
@@ -130,7 +141,7 @@ def resume(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     done.update(outputs)
     record.rerun = sorted(rerun)
     record.total_s = time.perf_counter() - t0
-    _recovery[pipe] = record
+    records[pipe] = record
     log.warning(
         "recovered from %s in %.3fs (re-plan %.3fs): re-ran micro-batches %s of %s on %s",
         ", ".join(failed),
@@ -196,17 +207,12 @@ def _rerun(
 ) -> dict[int, Any]:
     """Run micro-batches ``lost`` on ``pipe``: {micro-batch: its own output}."""
     if sizes == [0]:  # nothing batched: the call was one micro-batch
-        return {0: pipe.run(*args, **kwargs)}
+        return {0: pipe.run_call(args, kwargs)[0]}
     sub_args, sub_kwargs = tree_map(_rows(sizes, lost), (tuple(args), dict(kwargs)))
-    chunks, reducer = pipe.chunks, pipe.reducer
-    pipe.chunks, pipe.reducer = len(lost), _PerMicrobatch
-    try:
-        out = pipe.run(*sub_args, **sub_kwargs)
-    finally:
-        pipe.chunks, pipe.reducer = chunks, reducer
+    out, run = pipe.run_call(sub_args, sub_kwargs, chunks=len(lost), reducer=_PerMicrobatch)
     want = [sizes[i] for i in lost]
-    if pipe.last_run.sizes != want:
-        raise RuntimeError(f"re-run split into {pipe.last_run.sizes}, expected {want}")
+    if run.sizes != want:
+        raise RuntimeError(f"re-run split into {run.sizes}, expected {want}")
     return {i: _piece(out, want, k) for k, i in enumerate(lost)}
 
 
