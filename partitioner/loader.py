@@ -7,6 +7,7 @@ dtypes (``--input-shape 32,64 --dtype float32``); keyword arguments are JSON.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -238,11 +239,26 @@ def check_target(target: str) -> None:
         raise UsageError(f"model file {where!r} does not exist: check the path before ':'")
 
 
+@contextlib.contextmanager
+def _no_exit(doing: str) -> Iterator[None]:
+    """A model file that calls sys.exit() (a script's ``main`` run at import) is an error
+    naming it, not an exit of the CLI with the file's own code and no message."""
+    try:
+        yield
+    except SystemExit as e:
+        raise UsageError(
+            f"{doing} called sys.exit({e.code!r}): MODEL must name a factory in a module "
+            f"that can be imported without running its script (guard it with "
+            f"`if __name__ == '__main__':`)"
+        ) from e
+
+
 def load_factory(target: str) -> Callable[..., Any]:
     """The factory named by ``file.py:name`` or ``package.module:name``."""
     where, name = _split_target(target)
     is_file = _is_file(where)
-    module = _import_file(where) if is_file else _import_module(where)
+    with _no_exit(f"importing {where}"):
+        module = _import_file(where) if is_file else _import_module(where)
     factory = getattr(module, name, None)
     if factory is None:
         own = [
@@ -272,7 +288,8 @@ def load_model(target: str, factory_kwargs: dict[str, Any] | None = None) -> nn.
         raise UsageError(f"{target} rejects --factory-kwargs {kwargs}: {e}") from e
     except ValueError:  # no signature to check (a builtin): let the call tell
         pass
-    model = factory(**kwargs)
+    with _no_exit(f"calling {target}"):
+        model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise UsageError(
             f"{target} returned a value of type {type(model).__name__}, not a torch.nn.Module: "

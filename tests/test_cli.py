@@ -99,6 +99,31 @@ BAD_INPUTS = {
         EXIT_USAGE,
         "rejects inputs of shape 32,63 (float32)",
     ),
+    "time limit zero": (
+        ["plan", MLP, *SMALL, "--devices", "2", "--time-limit", "0"],
+        EXIT_USAGE,
+        "--time-limit 0: give seconds > 0",
+    ),
+    "gap nan": (
+        ["plan", MLP, *SMALL, "--devices", "2", "--gap", "nan"],
+        EXIT_USAGE,
+        "--gap nan: give a fraction in [0, 1)",
+    ),
+    "memory overflow": (
+        ["plan", MLP, *SMALL, "--devices", "2", "--memory", "1e400"],
+        EXIT_USAGE,
+        "the number is too large",
+    ),
+    "absurd device count": (
+        ["plan", MLP, *SMALL, "--devices", "99999999999999999999"],
+        EXIT_USAGE,
+        "at most 4096 devices",
+    ),
+    "negative tolerance": (
+        ["run", MLP, *SMALL, "--plan", "plan.json", "--atol", "-1"],
+        EXIT_USAGE,
+        "--atol -1: give a tolerance >= 0",
+    ),
     "memory too small": (
         ["plan", MLP, *SMALL, *FAST, "--devices", "2", "--memory", "10KB"],
         EXIT_INFEASIBLE,
@@ -353,3 +378,22 @@ def test_integer_inputs_without_a_range_say_which_range(tmp_path: Path) -> None:
     assert "integers are drawn from [0, 2); give int64:N" in run.stderr
     ranged = cli("plan", gpt, *args, "--dtype", "int64:64", "-o", "-", "--format", "json")
     assert ranged.returncode == 0 and "drawn from" not in ranged.stderr
+
+
+def test_a_model_file_that_exits_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "script.py").write_text("import sys\nsys.exit(3)\n\ndef mlp():\n    pass\n")
+    done = cli("plan", "script.py:mlp", "--input-shape", "4,4", "--devices", "2", cwd=tmp_path)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "importing script.py called sys.exit(3)" in lines[0]
+
+
+def test_run_compares_nan_with_nan_in_place() -> None:
+    import torch
+
+    from partitioner.cli.run import _close, max_error
+
+    a = torch.tensor([1.0, float("nan"), float("inf")])
+    assert max_error(a, a.clone()) == 0.0 and _close(a, a.clone(), 0.0, 0.0)
+    b = torch.tensor([1.0, 2.0, float("inf")])
+    assert max_error(a, b) == float("inf") and not _close(a, b, 1e-3, 1e-3)

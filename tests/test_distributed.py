@@ -8,6 +8,7 @@ subprocess timeout, so a hang fails the test instead of the suite.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -328,4 +329,7 @@ def test_a_failing_rank_fails_the_launch_without_hanging(tmp_path: Path) -> None
     )
     assert res.returncode != 0
     assert "factory failed on purpose" in res.stderr
+    assert re.search(r"rank \d: error: \w+: factory failed on purpose", res.stderr)
+    # the failing rank prints its one line, not a traceback (MODELSPLIT_LOG=DEBUG adds it)
+    assert "launch.py" not in res.stderr and 'File "' not in res.stderr.split("error:")[0]
     assert time.monotonic() - t0 < 60

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -95,6 +96,11 @@ def parse_devices(
     names: list[str] | None = None
     if text.lstrip("-").isdigit():
         count = int(text)
+        if count > MAX_DEVICES:
+            raise UsageError(
+                f"--devices {text}: at most {MAX_DEVICES} devices (a plan puts at least one "
+                f"graph node on each): pass the devices you have"
+            )
         if count < 1:
             raise UsageError(
                 f"--devices {text}: need at least one device; pass --devices 2 "
@@ -141,13 +147,28 @@ def planner_options(args: argparse.Namespace) -> PlannerOptions:
         raise _usage("--bandwidth", args.bandwidth, e) from e
     if args.chunks is not None and args.chunks < 1:
         raise UsageError(f"--chunks {args.chunks}: need at least one micro-batch")
-    for name in ("time_limit", "gap", "imbalance"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    _check_numbers(args)
     parse_model_options(args)  # fail on a typo before torch is imported
     devices = parse_devices(args.devices, args.memory, args.speed)
     chunks = args.chunks if args.chunks is not None else default_chunks(len(devices))
     return PlannerOptions(devices, bandwidth, chunks, given_chunks=args.chunks is not None)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The planner's numbers, checked before any work: a bad one is a usage error (exit 2)."""
+    checks = {
+        "time_limit": (lambda v: v > 0, "seconds > 0, e.g. --time-limit 30"),
+        "gap": (lambda v: 0 <= v < 1, "a fraction in [0, 1), e.g. --gap 0.01"),
+        "imbalance": (lambda v: v >= 0, "a fraction >= 0, e.g. --imbalance 0.05"),
+    }
+    for name, (ok, want) in checks.items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UsageError(f"--{name.replace('_', '-')} {value:g}: give {want}")
+
+
+#: more devices than this cannot be meant (and a plan uses at most one per graph node)
+MAX_DEVICES = 4096
 
 
 def parse_model_options(

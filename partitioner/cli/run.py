@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,11 +43,21 @@ def max_error(output: Any, reference: Any) -> float:
                     f"returns {tuple(b.shape)}"
                 )
             if a.numel():
-                diff = (a.detach().cpu().double() - b.detach().cpu().double()).abs().max()
-                worst = max(worst, float(diff))
+                worst = max(worst, _largest_difference(a, b))
         elif a != b:
             worst = float("inf")
     return worst
+
+
+def _largest_difference(a: Any, b: Any) -> float:
+    """Max |a - b|, where NaN beside NaN (and inf beside the same inf) is no difference
+    and NaN beside a number is an infinite one."""
+    import torch
+
+    x, y = a.detach().cpu().double(), b.detach().cpu().double()
+    same = (x == y) | (torch.isnan(x) & torch.isnan(y))
+    diff = torch.where(same, torch.zeros_like(x), (x - y).abs())
+    return float(torch.nan_to_num(diff, nan=float("inf")).max())
 
 
 def _close(output: Any, reference: Any, rtol: float, atol: float) -> bool:
@@ -57,7 +68,7 @@ def _close(output: Any, reference: Any, rtol: float, atol: float) -> bool:
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             a, b = a.detach().cpu(), b.detach().cpu()
             if a.is_floating_point() or b.is_floating_point():
-                if not torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol):
+                if not torch.allclose(a.double(), b.double(), rtol, atol, equal_nan=True):
                     return False
             elif not torch.equal(a, b):
                 return False
@@ -120,6 +131,10 @@ def _load_plan(args: argparse.Namespace) -> Plan:
         raise UsageError(f"--iters must be >= 1 and --warmup >= 0 ({args.iters}, {args.warmup})")
     if args.chunks is not None and args.chunks < 1:
         raise UsageError(f"--chunks {args.chunks}: need at least one micro-batch")
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name} {value:g}: give a tolerance >= 0, e.g. --{name} 1e-4")
     parse_model_options(args)
     plan = Plan.load(args.plan)
     if args.devices:

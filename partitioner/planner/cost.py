@@ -74,7 +74,10 @@ def parse_bytes(value: int | float | str) -> int:
             f"cannot read {value!r} as bytes: use a number with an optional unit "
             f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '16GB'"
         )
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    amount = float(m.group(1)) * _UNITS[m.group(2)]
+    if not math.isfinite(amount):
+        raise ValueError(f"cannot read {value!r} as bytes: the number is too large")
+    return int(amount)
 
 
 @dataclass(frozen=True)

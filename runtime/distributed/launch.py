@@ -255,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
         code = _run(args, device)
     except Exception as e:  # report and leave at once: no barrier, no hang
-        log.exception("rank %s failed", rank)
-        print(f"rank {rank}: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        log.debug("rank %s failed", rank, exc_info=True)  # MODELSPLIT_LOG=DEBUG shows it
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"rank {rank}: error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
     dist.destroy_process_group()
