@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from partitioner.capture.batching import check_batch_independence
 from partitioner.capture.checks import batch_size
 from partitioner.capture.tracer import input_signature, trace
 from partitioner.devices import MemoryLike, resolve_devices, torch_device
@@ -28,7 +29,9 @@ __all__ = [
     "Options",
     "auto_partition",
     "capture",
+    "check_options",
     "profile_for",
+    "same_graph",
     "signature_key",
     "trace_profile_solve",
     "weight_source",
@@ -90,10 +93,16 @@ def trace_profile_solve(
     chunks: int,
     opts: Options,
     plan: Plan | None = None,
+    reducer: Any = None,
 ) -> tuple[torch.fx.GraphModule, Any, Plan]:
-    """trace -> profile -> solve; with a given ``plan``, validate it instead of solving."""
+    """trace -> profile -> solve; with a given ``plan``, validate it instead of solving.
+
+    Before profiling, the model must give one output for the whole batch and for its
+    ``chunks`` micro-batches ([Note: batch independence]).
+    """
     t0 = time.perf_counter()
     gm = capture(model, args, kwargs, opts.leaf_modules, opts.trace_mode)
+    check_batch_independence(model, args, kwargs, chunks, reducer)
     t1 = time.perf_counter()
     graph = profile_for(gm, args, kwargs, specs, chunks, opts.cost)
     t2 = time.perf_counter()
@@ -221,3 +230,43 @@ def auto_partition(
         model, tuple(example_inputs), dict(example_kwargs or {}), specs, chunks, opts
     )
     return plan
+
+
+def check_options(
+    chunks: int | None,
+    on_failure: str,
+    recovery: str,
+    state_dict_path: str | None,
+    stage_timeout: float | None,
+    backward: str,
+) -> None:
+    """ModelSplitter's run options, checked before anything is traced."""
+    if chunks is not None and (isinstance(chunks, bool) or chunks < 1):
+        raise ValueError(f"chunks must be a positive integer ({chunks} < 1)")
+    if on_failure not in ("raise", "replan"):
+        raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
+    if recovery not in ("host-copy", "state-dict"):
+        raise ValueError(f"recovery must be 'host-copy' or 'state-dict' (got {recovery!r})")
+    if recovery == "state-dict" and state_dict_path is None:
+        raise ValueError("recovery='state-dict' needs state_dict_path (a torch.save file)")
+    if stage_timeout is not None and not stage_timeout > 0:
+        raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
+    if backward not in ("autograd", "pipelined"):
+        raise ValueError(f"backward must be 'autograd' or 'pipelined' (got {backward!r})")
+    if backward == "pipelined" and on_failure == "replan":
+        raise ValueError(
+            "backward='pipelined' cannot re-run lost micro-batches (on_failure='replan'): "
+            "use backward='autograd' with it"
+        )
+
+
+def same_graph(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
+    """Whether a plan for ``b`` applies to ``a``: the same nodes, ops and inputs."""
+
+    def structure(gm: torch.fx.GraphModule) -> list[tuple[str, str, str, tuple[str, ...]]]:
+        return [
+            (n.name, n.op, str(n.target), tuple(x.name for x in n.all_input_nodes))
+            for n in gm.graph.nodes
+        ]
+
+    return structure(a) == structure(b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 
 from partitioner.planner.cost import DeviceSpec, parse_bytes
 
-__all__ = ["MemoryLike", "check_available", "resolve_devices", "torch_device"]
+__all__ = ["MemoryLike", "check_available", "every_gpu", "resolve_devices", "torch_device"]
 
 MemoryLike = int | str | Sequence[int | str | None] | None
 
@@ -113,3 +114,16 @@ def check_available(names: Sequence[str]) -> None:
             f"device {name!r} does not exist here: {why}; run on CPU workers "
             f"(devices=[{cpus}] or num_devices={len(names)}), {fix}"
         )
+
+
+def every_gpu() -> int:
+    """No device count given: every GPU there is, or one CPU worker, said out loud."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.cuda.device_count()
+    warnings.warn(
+        "ModelSplitter: no num_devices or devices given and no GPU here, so the model runs "
+        "as one stage on cpu:0 (nothing is split); pass num_devices=N for N CPU workers",
+        UserWarning,
+        stacklevel=3,
+    )
+    return 1

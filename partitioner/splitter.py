@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,12 +15,21 @@ from partitioner.autoplan import (
     Options,
     auto_partition,
     capture,
+    check_options,
+    same_graph,
     signature_key,
     trace_profile_solve,
     weight_source,
 )
+from partitioner.capture.batching import warn_training_batch_norms
 from partitioner.capture.binding import describe_signature
-from partitioner.devices import MemoryLike, check_available, resolve_devices, torch_device
+from partitioner.devices import (
+    MemoryLike,
+    check_available,
+    every_gpu,
+    resolve_devices,
+    torch_device,
+)
 from partitioner.errors import InputError
 from partitioner.planner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec
 from partitioner.planner.plan import Plan, default_chunks
@@ -104,11 +112,11 @@ class ModelSplitter(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
-        _check_options(chunks, on_failure, recovery, state_dict_path, stage_timeout, backward)
+        check_options(chunks, on_failure, recovery, state_dict_path, stage_timeout, backward)
         if plan is not None and devices is None and num_devices is None:
             devices = list(plan.device_specs)
         if devices is None and num_devices is None:
-            num_devices = _every_gpu()
+            num_devices = every_gpu()
         specs = resolve_devices(num_devices, devices, memory, speed)
         check_available([s.name for s in specs])
         if plan is not None:
@@ -261,6 +269,7 @@ class ModelSplitter(nn.Module):
         reused = self._reuse(args, kwargs, twin) if twin is not None else None
         if reused is not None:
             return reused
+        warn_training_batch_norms(self.model, self.chunks, self.deferred_batch_norm)
         gm, graph, plan = trace_profile_solve(
             self.model,
             args,
@@ -269,6 +278,7 @@ class ModelSplitter(nn.Module):
             self.chunks,
             self.__dict__["_opts"],
             self.__dict__["_given_plan"],
+            self.reducer,
         )
         stages = split(gm, plan)
         compiled = Compiled(plan, stages, None, graph, gm, self.__dict__["_generation"])
@@ -283,7 +293,7 @@ class ModelSplitter(nn.Module):
             return None
         opts = self.__dict__["_opts"]
         gm = capture(self.model, args, kwargs, opts.leaf_modules, opts.trace_mode)
-        if _structure(gm) != _structure(twin.gm):
+        if not same_graph(gm, twin.gm):
             return None
         log.info("%s mode: same graph as the other mode, plan reused", self._mode())
         stages = split(gm, twin.plan)
@@ -376,52 +386,3 @@ class ModelSplitter(nn.Module):
             f"devices=[{where}], chunks={self.chunks}, stages={plan.num_stages}, "
             f"bottleneck={plan.bottleneck:.3g}s, status={plan.status}"
         )
-
-
-def _check_options(
-    chunks: int | None,
-    on_failure: str,
-    recovery: str,
-    state_dict_path: str | None,
-    stage_timeout: float | None,
-    backward: str,
-) -> None:
-    """ModelSplitter's run options, checked before anything is traced."""
-    if chunks is not None and (isinstance(chunks, bool) or chunks < 1):
-        raise ValueError(f"chunks must be a positive integer ({chunks} < 1)")
-    if on_failure not in ("raise", "replan"):
-        raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
-    if recovery not in ("host-copy", "state-dict"):
-        raise ValueError(f"recovery must be 'host-copy' or 'state-dict' (got {recovery!r})")
-    if recovery == "state-dict" and state_dict_path is None:
-        raise ValueError("recovery='state-dict' needs state_dict_path (a torch.save file)")
-    if stage_timeout is not None and not stage_timeout > 0:
-        raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
-    if backward not in ("autograd", "pipelined"):
-        raise ValueError(f"backward must be 'autograd' or 'pipelined' (got {backward!r})")
-    if backward == "pipelined" and on_failure == "replan":
-        raise ValueError(
-            "backward='pipelined' cannot re-run lost micro-batches (on_failure='replan'): "
-            "use backward='autograd' with it"
-        )
-
-
-def _every_gpu() -> int:
-    """No device count given: every GPU there is, or one CPU worker, said out loud."""
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return torch.cuda.device_count()
-    warnings.warn(
-        "ModelSplitter: no num_devices or devices given and no GPU here, so the model runs "
-        "as one stage on cpu:0 (nothing is split); pass num_devices=N for N CPU workers",
-        UserWarning,
-        stacklevel=3,
-    )
-    return 1
-
-
-def _structure(gm: torch.fx.GraphModule) -> list[tuple[str, str, str, tuple[str, ...]]]:
-    """What a plan depends on in a traced graph: its nodes, their ops and their inputs."""
-    return [
-        (n.name, n.op, str(n.target), tuple(a.name for a in n.all_input_nodes))
-        for n in gm.graph.nodes
-    ]

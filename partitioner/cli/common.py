@@ -257,9 +257,11 @@ def profile_setup(
 ) -> nx.DiGraph:
     """Trace and profile as ModelSplitter does (one path: `partitioner.autoplan`)."""
     from partitioner.autoplan import capture, profile_for
+    from partitioner.capture.batching import check_batch_independence
 
     step(f"tracing {type(setup.model).__name__}")
     gm = capture(setup.model, setup.args, setup.kwargs, mode=args.trace_mode)
+    check_batch_independence(setup.model, setup.args, setup.kwargs, opts.chunks)
     step(f"profiling {len(gm.graph.nodes)} nodes", hand_over=True)
     return profile_for(gm, setup.args, setup.kwargs, opts.devices, opts.chunks, args.cost)
 

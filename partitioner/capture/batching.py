@@ -1,0 +1,147 @@
+"""Checks that a model's rows are independent, so micro-batching cannot change its output.
+
+[Note: batch independence]
+A pipeline runs each micro-batch on its own and concatenates the outputs. That is the model
+only if every output row depends on its own input row alone. A contrastive model's (B, B)
+similarity matrix, a statistic over the batch (``x - x.mean(0)``) or a batch-sized reshape
+break it, and the split model would return something else without a word: a (B, B) matrix
+becomes (B, B/m). So before planning, the model runs once on the whole example batch and
+once as the pipeline would run it (`runtime.microbatch.scatter`, then `gather`), in eval
+mode with the random stream forked (dropout off, BatchNorm on its running statistics, the
+model's state put back), and a difference is a `ModelSplitError` naming the output and the
+fixes. BatchNorm in training normalises each micro-batch with its own statistics: that is
+GPipe's documented semantics, so it is a warning naming the layers, not an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from partitioner.capture.checks import batch_size, preserved_state
+from partitioner.errors import ModelSplitError
+from runtime.microbatch import Reducer, gather, scatter
+
+__all__ = ["check_batch_independence", "training_batch_norms", "warn_training_batch_norms"]
+
+log = logging.getLogger(__name__)
+
+#: a difference under ATOL + RTOL * max|whole| is rounding (a GEMM over fewer rows)
+RTOL, ATOL = 1e-3, 1e-4
+
+
+class _Skip:
+    """Stands for a leaf with no batch dimension when no reducer is given: the pipeline
+    rejects those itself, at the first call, with its own message."""
+
+
+def _skip(values: list[Any]) -> _Skip:
+    return _Skip()
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def check_batch_independence(
+    model: nn.Module,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    chunks: int,
+    reducer: Reducer | None = None,
+) -> None:
+    """Raise `ModelSplitError` when ``chunks`` micro-batches of the example call give
+    another output than the whole batch: see [Note: batch independence]."""
+    call = (tuple(args), dict(kwargs))
+    batch = batch_size(*call)
+    if chunks < 2 or batch is None or batch < 2 or _on_meta(model, call):
+        return
+    pieces, sizes = scatter(call, chunks)
+    with torch.no_grad(), preserved_state(model), _evaluating(model):
+        whole = model(*call[0], **call[1])
+        parts = [model(*a, **k) for a, k in pieces]
+    try:
+        split = gather(parts, sizes, reducer if reducer is not None else _skip)
+    except ValueError as exc:
+        raise _mixed(model, sizes, f"its micro-batches do not gather: {exc}") from exc
+    want, spec = pytree.tree_flatten(whole)
+    got, got_spec = pytree.tree_flatten(split)
+    if spec != got_spec:
+        raise _mixed(model, sizes, "the output structure changes with the batch")
+    for k, (w, g) in enumerate(zip(want, got, strict=True)):
+        problem = _differs(w, g)
+        if problem:
+            raise _mixed(model, sizes, f"output leaf {k} {problem}")
+
+
+def _on_meta(model: nn.Module, call: Any) -> bool:
+    tensors = [t for t in pytree.tree_leaves(call) if isinstance(t, torch.Tensor)]
+    tensors += list(model.parameters())
+    return any(t.is_meta for t in tensors)
+
+
+def _differs(whole: Any, split: Any) -> str | None:
+    if isinstance(split, _Skip):
+        return None
+    if not isinstance(whole, torch.Tensor) or not isinstance(split, torch.Tensor):
+        same = type(whole) is type(split) and bool(whole == split)
+        return None if same else f"is {whole!r} for the whole batch but {split!r} in pieces"
+    if whole.shape != split.shape:
+        return (
+            f"has shape {tuple(whole.shape)} for the whole batch but {tuple(split.shape)} "
+            f"when its micro-batches are concatenated"
+        )
+    if not (whole.is_floating_point() or whole.is_complex()):
+        return None if torch.equal(whole, split) else "has other values in pieces"
+    w, s = whole.double(), split.double()
+    scale = float(w.abs().max()) if w.numel() else 0.0
+    diff = float((w - s).abs().max()) if w.numel() else 0.0
+    if diff > ATOL + RTOL * scale or diff != diff:
+        return f"differs by up to {diff:.3g} (its values reach {scale:.3g})"
+    return None
+
+
+def _mixed(model: nn.Module, sizes: Sequence[int], problem: str) -> ModelSplitError:
+    return ModelSplitError(
+        f"{type(model).__name__} mixes rows of the batch: run as {len(sizes)} micro-batches "
+        f"of {list(sizes)} rows, as the pipeline runs it, {problem}. A split model would "
+        f"return that silently; use chunks=1 (no micro-batching), or make every output row "
+        f"depend on its own input row only (a statistic over the batch, a (B, B) similarity "
+        f"matrix and a batch-sized reshape do not)"
+    )
+
+
+def training_batch_norms(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers that normalise with batch statistics (training mode)."""
+    norms = (nn.modules.batchnorm._BatchNorm,)
+    return [name for name, m in model.named_modules() if isinstance(m, norms) and m.training]
+
+
+def warn_training_batch_norms(model: nn.Module, chunks: int, deferred: bool) -> None:
+    """BatchNorm in training sees micro-batches (GPipe's semantics): said once, by name."""
+    norms = training_batch_norms(model)
+    if not norms or chunks < 2 or deferred:
+        return
+    shown = ", ".join(norms[:4]) + (f" and {len(norms) - 4} more" if len(norms) > 4 else "")
+    warnings.warn(
+        f"{type(model).__name__} trains BatchNorm layers ({shown}): each micro-batch is "
+        f"normalised with its own statistics (GPipe's semantics), so outputs differ from the "
+        f"unsplit model's and the running statistics update once per micro-batch; "
+        f"deferred_batch_norm=True updates them once per call as the unsplit model does",
+        UserWarning,
+        stacklevel=2,
+    )

@@ -1,0 +1,98 @@
+"""Batch independence ([Note: batch independence]): a model that mixes rows of the batch is
+an error before planning, BatchNorm in training a warning, and nothing else is flagged."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from partitioner import ModelSplitError, ModelSplitter
+from partitioner.capture.batching import check_batch_independence
+from partitioner.examples import MyModel
+
+DEVICES = ["cpu:0", "cpu:1"]
+
+
+class Contrastive(nn.Module):
+    """CLIP-style: every row against every other row, a (B, B) matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.proj(x)
+        return z @ z.T
+
+
+class Centred(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h - h.mean(0)  # a statistic over the batch
+
+
+class Loss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).pow(2).mean()
+
+
+def test_a_batch_by_batch_output_is_an_error_naming_the_shapes() -> None:
+    with pytest.raises(ModelSplitError, match=r"mixes rows.*\(8, 8\).*\(8, 4\).*chunks=1"):
+        ModelSplitter(
+            Contrastive(), devices=DEVICES, chunks=2, example_inputs=(torch.randn(8, 16),)
+        )
+
+
+def test_a_statistic_over_the_batch_is_an_error() -> None:
+    with pytest.raises(ModelSplitError, match="mixes rows.*output leaf 0 differs by up to"):
+        ModelSplitter(Centred(), devices=DEVICES, chunks=4, example_inputs=(torch.randn(8, 16),))
+
+
+def test_without_micro_batches_there_is_nothing_to_mix() -> None:
+    model, x = Contrastive(), torch.randn(8, 16)
+    splitter = ModelSplitter(model, devices=DEVICES, chunks=1, example_inputs=(x,))
+    torch.testing.assert_close(splitter(x), model(x))
+
+
+def test_row_independent_models_pass_in_both_modes() -> None:
+    model, x = MyModel(), torch.randn(8, 64)
+    check_batch_independence(model, (x,), {}, 4)
+    loss = Loss().train()  # dropout: checked in eval mode, so no false alarm
+    check_batch_independence(loss, (x[:, :16],), {}, 4, reducer="mean")
+    assert loss.training and all(m.training for m in loss.modules())  # modes put back
+    check_batch_independence(loss, (x[:, :16],), {}, 4)  # no reducer: the runtime says so
+
+
+def test_the_check_leaves_no_trace_on_the_model() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16)).train()
+    x = torch.randn(8, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.random.get_rng_state()
+    check_batch_independence(model, (x,), {}, 4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_batch_norm_in_training_is_one_warning_naming_the_layers() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU()).train()
+    x = torch.randn(8, 16)
+    with pytest.warns(UserWarning, match=r"trains BatchNorm layers \(1\).*deferred_batch_norm"):
+        ModelSplitter(model, devices=DEVICES, chunks=2, example_inputs=(x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModelSplitter(
+            model, devices=DEVICES, chunks=2, deferred_batch_norm=True, example_inputs=(x,)
+        )
+        ModelSplitter(model.eval(), devices=DEVICES, chunks=2, example_inputs=(x,))
