@@ -68,6 +68,8 @@ def check_contract(graph: nx.DiGraph, gm: fx.GraphModule, model: nn.Module) -> N
         for attr, kind in NODE_ATTRS.items():
             assert isinstance(data[attr], kind), (name, attr, data.get(attr))
         assert data["time"] >= 0 and data["act_bytes"] >= 0
+        if data["op"] in ("placeholder", "get_attr"):  # fetching is no work to balance
+            assert data["time"] == 0.0, name
     for node in gm.graph.nodes:
         for user in node.users:
             if user.op != "output":

@@ -258,10 +258,12 @@ def _cost_graph(
         # its bytes are param_bytes, and its out_bytes (what a stage would receive) are 0.
         out_bytes = 0 if n.op == "get_attr" else found.out_bytes.get(n.name, 0)
         flops = int(found.flops.get(n.name, 0))
-        if cost == "time":
-            time = float(found.seconds.get(n.name, 0.0))
-        elif n.op in ("placeholder", "get_attr"):
+        if n.op in ("placeholder", "get_attr"):
+            # Fetching an input or a weight is no work: timed, it is ~3.5 µs of interpreter
+            # overhead per node, which the planner would balance as compute.
             time = 0.0
+        elif cost == "time":
+            time = float(found.seconds.get(n.name, 0.0))
         else:
             moved = found.in_bytes.get(n.name, 0) + out_bytes
             moved += sum(nbytes(t) for t in tensors.values())  # call_module weights
