@@ -21,7 +21,7 @@ from partitioner.autoplan import (
     trace_profile_solve,
     weight_source,
 )
-from partitioner.capture.batching import warn_training_batch_norms
+from partitioner.capture.batching import warn_ignored_labels, warn_training_batch_norms
 from partitioner.capture.binding import describe_signature
 from partitioner.devices import (
     MemoryLike,
@@ -226,6 +226,8 @@ class ModelSplitter(nn.Module):
 
     # -- running ------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.__dict__.get("_said_labels"):
+            self.__dict__["_said_labels"] = warn_ignored_labels(kwargs, self.reducer, self.chunks)
         compiled = self._compiled(args, kwargs)
         source = self.__dict__["_source"]
         if isinstance(source, HostCopy):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -94,3 +95,20 @@ def test_split_t5_encoder_decoder(backward: str) -> None:
             assert a.grad is None or not a.grad.any(), name
             continue
         torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-4, atol=1e-6)
+
+
+def test_a_mean_over_labels_with_ignored_positions_says_it_is_not_the_unsplit_loss() -> None:
+    # reducer="mean" weights micro-batches by rows; with -100 labels the unsplit loss
+    # weights by counted tokens, so the two differ: never without a word.
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    x = ids(6)
+    labels = x.clone()
+    labels[0, 2:] = -100
+    splitter = ModelSplitter(model, num_devices=2, chunks=3, time_limit=5, reducer="mean")
+    with pytest.warns(UserWarning, match=r"ignored positions \(-100\).*not by the tokens"):
+        splitter(input_ids=x, labels=labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        splitter(input_ids=x, labels=labels)  # said once
+        splitter(input_ids=x, labels=x)  # nothing ignored: the row-weighted mean is exact

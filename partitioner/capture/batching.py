@@ -29,7 +29,12 @@ from partitioner.capture.checks import batch_size, preserved_state
 from partitioner.errors import ModelSplitError
 from runtime.microbatch import Reducer, gather, scatter
 
-__all__ = ["check_batch_independence", "training_batch_norms", "warn_training_batch_norms"]
+__all__ = [
+    "check_batch_independence",
+    "training_batch_norms",
+    "warn_ignored_labels",
+    "warn_training_batch_norms",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +150,23 @@ def warn_training_batch_norms(model: nn.Module, chunks: int, deferred: bool) -> 
         UserWarning,
         stacklevel=2,
     )
+
+
+def warn_ignored_labels(kwargs: Mapping[str, Any], reducer: Any, chunks: int) -> bool:
+    """A loss over labels with ignored positions (-100, Hugging Face's ``ignore_index``),
+    combined with ``reducer="mean"``: weighted by rows, not by the tokens each micro-batch
+    counts, so it is not the unsplit loss. Says so (once per caller); True if it did."""
+    labels = kwargs.get("labels")
+    if reducer != "mean" or chunks < 2 or not isinstance(labels, torch.Tensor):
+        return False
+    if not bool((labels == -100).any()):
+        return False
+    warnings.warn(
+        "labels hold ignored positions (-100): reducer='mean' weights each micro-batch's "
+        "loss by its rows, not by the tokens it counts, so the loss and its gradients differ "
+        "from the unsplit model's where micro-batches count different tokens; compute a "
+        "token-weighted loss from the gathered logits, or use chunks=1",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
