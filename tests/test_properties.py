@@ -163,3 +163,44 @@ def test_coarse_path_keeps_a_valid_bound(
     assert plan.bottleneck >= opt - tol
     if plan.status == "optimal":
         assert plan.bottleneck <= opt / (1 - GAP) + tol
+
+
+@st.composite
+def graphs_with_views(draw: st.DrawFn) -> nx.DiGraph:
+    """A cost graph whose nodes sometimes hand their output on through free "views": a
+    node of time 0 and no memory reading one producer (with an output no bigger, it is a
+    ``getitem`` of a tuple), that some of the producer's consumers read instead."""
+    g: nx.DiGraph = draw(cost_graphs(max_nodes=7))
+    for u in list(g.nodes):
+        if not draw(st.booleans()):
+            continue
+        view = f"{u}_item"
+        out = draw(st.integers(0, 2 * int(g.nodes[u]["out_bytes"]) + 8))  # some are bigger
+        g.add_node(view, time=0.0, param_bytes=0, out_bytes=out, act_bytes=0)
+        for w in list(g.successors(u)):
+            if w != view and draw(st.booleans()):
+                g.remove_edge(u, w)
+                g.add_edge(view, w)
+        g.add_edge(u, view)
+    return g
+
+
+@SLOW
+@given(graphs_with_views(), device_lists(), BW)
+def test_exact_reduction_keeps_the_optimum(
+    graph: nx.DiGraph, specs: list[DeviceSpec], bw: float
+) -> None:
+    """The merges of `reduce_exact` (views join their producer) never lose the optimum."""
+    from partitioner.planner.coarsen import reduce_exact
+
+    assume(graph.number_of_nodes() <= 10)
+    limited = any(s.memory is not None for s in specs)
+    reduced = reduce_exact(graph, limited)
+    fine, coarse = brute_force(graph, specs, bw), brute_force(reduced.graph, specs, bw)
+    assert (fine is None) == (coarse is None)
+    if fine is None or coarse is None:
+        return
+    back = uncoarsen(coarse[1], reduced)
+    exact = evaluate(graph, back, specs, bw)
+    assert exact.valid
+    assert exact.bottleneck <= fine[0] * (1 + 1e-9) + 1e-12

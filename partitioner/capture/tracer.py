@@ -97,6 +97,7 @@ def trace(
     for name in modes:
         try:
             gm = _TRACERS[name](model, args, kwargs, leaf_modules)
+            _drop_unused_items(gm)
             sync_state_dict(model, gm)
             check_outputs(model, gm, args, kwargs)
             if name == "fx" and model.training:  # fx drops contexts such as no_grad()
@@ -121,6 +122,21 @@ def trace(
     lines = [f"could not trace {type(model).__name__}:"]
     lines += [f"  {name}: {type(exc).__name__}: {first_line(exc)}" for name, exc in causes]
     raise TraceError("\n".join([*lines, REMEDY])) from causes[-1][1]
+
+
+def _drop_unused_items(gm: fx.GraphModule) -> None:
+    """Remove tuple items nobody reads (``out, _ = attention(x)``): left in, the planner
+    could cut between the tuple and the item used, and the whole tuple would cross."""
+    dead = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is operator.getitem and not n.users
+    ]
+    for n in reversed(dead):
+        gm.graph.erase_node(n)
+    if dead:
+        gm.recompile()
+        logger.debug("dropped %d unused tuple items", len(dead))
 
 
 def _set_meta(gm: fx.GraphModule, program: Program) -> fx.GraphModule:
@@ -312,6 +328,7 @@ def _trace_export(
         gm = ep.module(check_guards=False)
     except TypeError:  # torch < 2.9 has no guard node
         gm = ep.module()
+    functionalize_inplace(gm)  # export keeps add_, copy_, relu_: [Note: in-place ops]
     in_spec = gm._in_spec
     out_spec = gm._out_spec
     placeholders = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")

@@ -128,7 +128,6 @@ def _zero_cost(gs: _Groups, tiny: float, exact: bool = False) -> None:
     not limited: the caller decides) joins its one consumer, whose stage then stops
     receiving it; a node of time 0, no output and no memory joins its one producer.
     """
-    nodes = gs.fine.nodes
     for v in topo_order(gs.fine):
         if v not in gs.members or gs.time[v] > tiny:
             continue
@@ -136,8 +135,7 @@ def _zero_cost(gs: _Groups, tiny: float, exact: bool = False) -> None:
             (w,) = gs.succ[v]
             gs.merge(w, v)
         elif exact:
-            free = int(nodes[v]["out_bytes"]) == 0 and gs.mem[v] == 0
-            if free and len(gs.pred[v]) == 1:
+            if gs.mem[v] == 0 and _narrows(gs, v):
                 (u,) = gs.pred[v]
                 gs.merge(u, v)
         elif len(gs.pred[v]) == 1 and len(gs.succ[next(iter(gs.pred[v]))]) == 1:
@@ -146,6 +144,21 @@ def _zero_cost(gs: _Groups, tiny: float, exact: bool = False) -> None:
         elif len(gs.succ[v]) == 1 and len(gs.pred[next(iter(gs.succ[v]))]) == 1:
             (w,) = gs.succ[v]
             gs.merge(w, v)
+
+
+def _narrows(gs: _Groups, v: str) -> bool:
+    """Whether free node ``v`` (time 0, no memory) may join its one producer exactly: it
+    has one input and an output no bigger (a ``getitem`` of a tuple, a node with no output),
+    so on its producer's stage no stage ever receives more than before."""
+    if len(gs.pred[v]) != 1:
+        return False
+    out = int(gs.fine.nodes[v]["out_bytes"])
+    if out == 0:
+        return True
+    inputs = list(gs.fine.predecessors(v))
+    if len(gs.members[v]) != 1 or len(inputs) != 1:
+        return False
+    return out <= int(gs.fine.nodes[inputs[0]]["out_bytes"])
 
 
 def _link_bytes(gs: _Groups, a: str, b: str) -> int:
@@ -261,14 +274,13 @@ def reduce_exact(graph: nx.DiGraph, memory_limited: bool) -> Coarsening:
 
 
 def _exact_limited(gs: _Groups) -> None:
-    nodes = gs.fine.nodes
     for v in topo_order(gs.fine):
         if v not in gs.members or gs.time[v] > 0 or gs.mem[v] > 0:
             continue
         if not gs.pred[v] and len(gs.succ[v]) == 1:
             (w,) = gs.succ[v]
             gs.merge(w, v)
-        elif int(nodes[v]["out_bytes"]) == 0 and len(gs.pred[v]) == 1:
+        elif _narrows(gs, v):
             (u,) = gs.pred[v]
             gs.merge(u, v)
 

@@ -258,9 +258,9 @@ def _cost_graph(
         # its bytes are param_bytes, and its out_bytes (what a stage would receive) are 0.
         out_bytes = 0 if n.op == "get_attr" else found.out_bytes.get(n.name, 0)
         flops = int(found.flops.get(n.name, 0))
-        if n.op in ("placeholder", "get_attr"):
-            # Fetching an input or a weight is no work: timed, it is ~3.5 µs of interpreter
-            # overhead per node, which the planner would balance as compute.
+        if n.op in ("placeholder", "get_attr") or n.target is operator.getitem:
+            # Fetching an input, a weight or a tuple item is no work: timed, it is ~3.5 µs
+            # of interpreter overhead per node, which the planner would balance as compute.
             time = 0.0
         elif cost == "time":
             time = float(found.seconds.get(n.name, 0.0))
