@@ -92,6 +92,7 @@ def trace(
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
     args: Args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs: Kwargs = dict(example_kwargs or {})
+    _check_names(model)
     modes = ("fx", "export") if mode == "auto" else (mode,)
     causes: list[tuple[str, BaseException]] = []
     for name in modes:
@@ -122,6 +123,30 @@ def trace(
     lines = [f"could not trace {type(model).__name__}:"]
     lines += [f"  {name}: {type(exc).__name__}: {first_line(exc)}" for name, exc in causes]
     raise TraceError("\n".join([*lines, REMEDY])) from causes[-1][1]
+
+
+#: attributes every GraphModule has beyond nn.Module's: a model's own submodule, parameter or
+#: buffer of one of these names cannot live in a traced graph under that name
+_GRAPH_MODULE_NAMES = frozenset(
+    name
+    for name in (*dir(fx.GraphModule), "meta", "graph", "code", "_graph", "_code")
+    if not hasattr(nn.Module, name)
+)
+
+
+def _check_names(model: nn.Module) -> None:
+    """Both fx and export fail on a top-level name such as ``meta`` or ``graph`` with a
+    message about a nonexistent attribute: say what it is instead."""
+    own = [*model._modules, *model._parameters, *model._buffers]
+    clash = sorted(n for n in own if n in _GRAPH_MODULE_NAMES)
+    if clash:
+        names = ", ".join(repr(n) for n in clash)
+        raise TraceError(
+            f"{type(model).__name__} names its own submodules or tensors {names}, which every "
+            f"torch.fx.GraphModule uses for itself, so no traced graph can hold them: rename "
+            f"them in the model (e.g. {clash[0]!r} -> {clash[0] + '_'!r}; checkpoint keys "
+            f"change with the names)"
+        )
 
 
 def _drop_unused_items(gm: fx.GraphModule) -> None:
