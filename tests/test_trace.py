@@ -278,3 +278,18 @@ def test_a_submodule_named_like_a_graph_module_attribute_is_a_clear_error() -> N
 
     with pytest.raises(TraceError, match=r"'meta'.*GraphModule.*'meta' -> 'meta_'"):
         trace(Clash(), (torch.randn(2, 4),))
+
+
+def test_batch_size_dependent_control_flow_names_the_cause() -> None:
+    class BySize(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * 2 if x.shape[0] > 4 else self.lin(x)
+
+    with pytest.raises(
+        TraceError, match=r"matches the model at the example's 8 rows but not at 2"
+    ):
+        trace(BySize(), (torch.randn(8, 8),), mode="export")

@@ -131,14 +131,32 @@ def check_outputs(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwar
         with torch.no_grad():
             run_program(gm, args, kwargs)
         return
+    few = _rows(args, kwargs, CHECK_ROWS)
     try:
-        expected, actual = _both(model, gm, *_rows(args, kwargs, CHECK_ROWS))
+        expected, actual = _both(model, gm, *few)
     except ModelFailed:  # the model itself needs the full batch: compare on that
         expected, actual = _both(model, gm, args, kwargs)
+        few = (args, kwargs)
+    problem = _difference(expected, actual)
+    if problem is None:
+        return
+    batch, rows = batch_size(args, kwargs), batch_size(*few)
+    if rows != batch and _difference(*_both(model, gm, args, kwargs)) is None:
+        raise TraceError(
+            f"the traced graph matches the model at the example's {batch} rows but not at "
+            f"{rows} ({problem}): the model's control flow depends on the batch size (such "
+            f"as `if x.shape[0] > 4`), which the graph fixes at {batch}, and micro-batches "
+            f"have other sizes; take the branch from something other than the batch size"
+        )
+    raise TraceError(problem)
+
+
+def _difference(expected: Any, actual: Any) -> str | None:
+    """How the traced module's output differs from the model's, or None."""
     want, want_spec = pytree.tree_flatten(expected)
     got, got_spec = pytree.tree_flatten(actual)
     if want_spec != got_spec:
-        raise TraceError(f"output structure differs: model {want_spec}, traced {got_spec}")
+        return f"output structure differs: model {want_spec}, traced {got_spec}"
     for i, (w, g) in enumerate(zip(want, got, strict=True)):
         try:
             if isinstance(w, torch.Tensor) and isinstance(g, torch.Tensor):
@@ -146,7 +164,8 @@ def check_outputs(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwar
             elif type(w) is not type(g) or w != g:
                 raise AssertionError(f"{g!r} != {w!r}")
         except AssertionError as exc:
-            raise TraceError(f"output leaf {i} differs: {first_line(exc)}") from exc
+            return f"output leaf {i} differs: {first_line(exc)}"
+    return None
 
 
 def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> None:
