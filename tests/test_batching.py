@@ -96,3 +96,20 @@ def test_batch_norm_in_training_is_one_warning_naming_the_layers() -> None:
             model, devices=DEVICES, chunks=2, deferred_batch_norm=True, example_inputs=(x,)
         )
         ModelSplitter(model.eval(), devices=DEVICES, chunks=2, example_inputs=(x,))
+
+
+def test_a_buffer_that_counts_calls_is_a_warning_naming_it() -> None:
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.steps += 1
+            return self.lin(x)
+
+    model, x = Counting(), torch.randn(8, 16)
+    with pytest.warns(UserWarning, match=r"updates buffer\(s\) 'steps'.*4 micro-batches"):
+        check_batch_independence(model, (x,), {}, 4)
+    assert int(model.steps) == 0  # the check left it as it was

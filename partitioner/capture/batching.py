@@ -77,7 +77,9 @@ def check_batch_independence(
         return
     pieces, sizes = scatter(call, chunks)
     with torch.no_grad(), preserved_state(model), _evaluating(model):
+        before = {n: b.clone() for n, b in model.named_buffers()}
         whole = model(*call[0], **call[1])
+        _warn_counters(model, before, len(sizes))
         parts = [model(*a, **k) for a, k in pieces]
     try:
         split = gather(parts, sizes, reducer if reducer is not None else _skip)
@@ -91,6 +93,26 @@ def check_batch_independence(
         problem = _differs(w, g)
         if problem:
             raise _mixed(model, sizes, f"output leaf {k} {problem}")
+
+
+def _warn_counters(model: nn.Module, before: dict[str, torch.Tensor], chunks: int) -> None:
+    """Buffers a call updates (outside BatchNorm in training: a step counter, a cache) are
+    updated once per micro-batch by the split model: said once, by name."""
+    changed = [
+        name
+        for name, buf in model.named_buffers()
+        if name in before
+        and (buf.shape != before[name].shape or not torch.equal(buf, before[name]))
+    ]
+    if changed:
+        warnings.warn(
+            f"{type(model).__name__} updates buffer(s) {', '.join(map(repr, changed[:4]))} on "
+            f"every call: the split model runs {chunks} micro-batches per call and updates them "
+            f"once per micro-batch, so they will not match the unsplit model's; keep such "
+            f"state outside the model, or use chunks=1",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _on_meta(model: nn.Module, call: Any) -> bool:
