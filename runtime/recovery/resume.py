@@ -107,21 +107,58 @@ def resume(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         if not is_device_failure(err):
             raise
         error = err
-    sizes = list(error.sizes)  # this call's own: another thread may be running too
-    done: dict[int, Any] = {}
-    lost = list(range(len(sizes)))
-    record = Recovery()
-    failed: list[str] = []
-    rerun: set[int] = set()
+    call = _Call(list(error.sizes))  # this call's own: another thread may be running too
     while True:
-        name = device_names(current)[error.stage]
-        failed.append(name)
+        failure = call.lose(error, device_names(current)[error.stage])
+        current = _replan(current, failure, call.record)
+        try:
+            call.done.update(_rerun(current, args, kwargs, call.sizes, call.lost))
+            break
+        except StageError as err:
+            if not is_device_failure(err):
+                raise
+            error = err
+    call.record.rerun = sorted(call.rerun)
+    call.record.total_s = time.perf_counter() - t0
+    records[pipe] = call.record
+    log.warning(
+        "recovered from %s in %.3fs (re-plan %.3fs): re-ran micro-batches %s of %s on %s",
+        ", ".join(call.failed),
+        call.record.total_s,
+        call.record.replan_s,
+        call.record.rerun,
+        len(call.sizes),
+        ", ".join(device_names(current)),
+    )
+    return gather([call.done[i] for i in range(len(call.sizes))], call.sizes, pipe.reducer)
+
+
+@dataclass
+class _Call:
+    """What one recovering call knows: its micro-batches, those done, those lost."""
+
+    sizes: list[int]
+    done: dict[int, Any] = field(default_factory=dict)
+    record: Recovery = field(default_factory=lambda: Recovery())
+    failed: list[str] = field(default_factory=list)
+    rerun: set[int] = field(default_factory=set)
+    lost: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lost = list(range(len(self.sizes)))
+
+    def lose(self, error: StageError, name: str) -> Failure:
+        """Book ``error`` on device ``name``: what survives it, what must run again."""
+        self.failed.append(name)
+        lost = self.lost
         where = lost[error.microbatch] if error.microbatch < len(lost) else error.microbatch
-        done = {i: out for i, out in done.items() if _survives(out, name)}
-        done.update({lost[k]: out for k, out in error.completed.items() if _survives(out, name)})
-        lost = [i for i in range(len(sizes)) if i not in done]
-        failure = Failure(name, error.stage, where, error, tuple(failed))
-        record.failures.append(failure)
+        self.done = {i: out for i, out in self.done.items() if _survives(out, name)}
+        completed = error.completed.items()
+        self.done.update({lost[k]: out for k, out in completed if _survives(out, name)})
+        self.lost = [i for i in range(len(self.sizes)) if i not in self.done]
+        self.rerun.update(self.lost)
+        failure = Failure(name, error.stage, where, error, tuple(self.failed))
+        self.record.failures.append(failure)
         log.warning(
             "%s failed at stage %s, micro-batch %s (%s); re-planning",
             name,
@@ -129,29 +166,7 @@ def resume(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
             failure.microbatch,
             error.original,
         )
-        current = _replan(current, failure, record)
-        rerun.update(lost)
-        try:
-            outputs = _rerun(current, args, kwargs, sizes, lost)
-            break
-        except StageError as err:
-            if not is_device_failure(err):
-                raise
-            error = err
-    done.update(outputs)
-    record.rerun = sorted(rerun)
-    record.total_s = time.perf_counter() - t0
-    records[pipe] = record
-    log.warning(
-        "recovered from %s in %.3fs (re-plan %.3fs): re-ran micro-batches %s of %s on %s",
-        ", ".join(failed),
-        record.total_s,
-        record.replan_s,
-        record.rerun,
-        len(sizes),
-        ", ".join(device_names(current)),
-    )
-    return gather([done[i] for i in range(len(sizes))], sizes, pipe.reducer)
+        return failure
 
 
 def _replan(current: Any, failure: Failure, record: Recovery) -> Any:
