@@ -222,39 +222,9 @@ def evaluate(
     """
     specs = normalize_devices(devices)
     n = len(specs)
-    missing = [v for v in graph.nodes if v not in assignment]
-    if missing:
-        raise ValueError(f"assignment misses {len(missing)} node(s), e.g. {missing[:3]}")
-    for v in graph.nodes:
-        k = assignment[v]
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
-            raise ValueError(f"node {v!r} is assigned to stage {k!r}, outside 0..{n - 1}")
-
-    time = [0.0] * n
-    params = [0] * n
-    acts = [0] * n
-    count = [0] * n
-    for v, data in graph.nodes(data=True):
-        k = assignment[v]
-        time[k] += float(data["time"])
-        params[k] += int(data["param_bytes"])
-        acts[k] += int(data["act_bytes"])
-        count[k] += 1
-
-    in_bytes = [0] * n
-    comm_time = [0.0] * n
-    violations: list[str] = []
-    for u in graph.nodes:
-        ku = assignment[u]
-        consumers = {assignment[v] for v in graph.successors(u)}
-        for kv in consumers:
-            if kv < ku:
-                violations.append(f"edge from {u!r} (stage {ku}) goes back to stage {kv}")
-            elif kv != ku:
-                size = int(graph.nodes[u]["out_bytes"])
-                in_bytes[kv] += size
-                comm_time[kv] += size / bandwidth_between(bandwidth, ku, kv)
-
+    _check_assignment(graph, assignment, n)
+    time, params, acts, count = _loads(graph, assignment, n)
+    in_bytes, comm_time, violations = _receives(graph, assignment, n, bandwidth)
     stages = []
     for k, spec in enumerate(specs):
         if spec.memory is not None and params[k] + acts[k] > spec.memory:
@@ -271,6 +241,48 @@ def evaluate(
         valid=not violations,
         violations=violations,
     )
+
+
+def _check_assignment(graph: nx.DiGraph, assignment: Mapping[str, int], n: int) -> None:
+    missing = [v for v in graph.nodes if v not in assignment]
+    if missing:
+        raise ValueError(f"assignment misses {len(missing)} node(s), e.g. {missing[:3]}")
+    for v in graph.nodes:
+        k = assignment[v]
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
+            raise ValueError(f"node {v!r} is assigned to stage {k!r}, outside 0..{n - 1}")
+
+
+def _loads(
+    graph: nx.DiGraph, assignment: Mapping[str, int], n: int
+) -> tuple[list[float], list[int], list[int], list[int]]:
+    """Per stage: seconds of work, parameter bytes, activation bytes, node count."""
+    time, params, acts, count = [0.0] * n, [0] * n, [0] * n, [0] * n
+    for v, data in graph.nodes(data=True):
+        k = assignment[v]
+        time[k] += float(data["time"])
+        params[k] += int(data["param_bytes"])
+        acts[k] += int(data["act_bytes"])
+        count[k] += 1
+    return time, params, acts, count
+
+
+def _receives(
+    graph: nx.DiGraph, assignment: Mapping[str, int], n: int, bandwidth: Bandwidth
+) -> tuple[list[int], list[float], list[str]]:
+    """Per stage: bytes received (each tensor once) and their seconds; backward edges."""
+    in_bytes, comm_time = [0] * n, [0.0] * n
+    violations: list[str] = []
+    for u in graph.nodes:
+        ku = assignment[u]
+        for kv in {assignment[v] for v in graph.successors(u)}:
+            if kv < ku:
+                violations.append(f"edge from {u!r} (stage {ku}) goes back to stage {kv}")
+            elif kv != ku:
+                size = int(graph.nodes[u]["out_bytes"])
+                in_bytes[kv] += size
+                comm_time[kv] += size / bandwidth_between(bandwidth, ku, kv)
+    return in_bytes, comm_time, violations
 
 
 def lower_bound(graph: nx.DiGraph, devices: DevicesLike) -> float:
