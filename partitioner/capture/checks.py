@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -183,44 +183,24 @@ def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kw
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or _is_meta(model, args, kwargs):
         return
-
-    def grads(run: Any, call: tuple[Args, Kwargs]) -> tuple[torch.Tensor | None, ...] | None:
-        with torch.enable_grad(), preserved_state(model):
-            torch.manual_seed(0)
-            out = run(*call)
-            leaves = [
-                leaf
-                for leaf in pytree.tree_leaves(out)
-                if isinstance(leaf, torch.Tensor)
-                and leaf.is_floating_point()
-                and leaf.requires_grad
-            ]
-            if not leaves:
-                return None
-            loss = torch.stack([leaf.float().pow(2).mean() for leaf in leaves]).sum()
-            return torch.autograd.grad(loss, params, allow_unused=True)
-
     call = _rows(args, kwargs, CHECK_ROWS)
     try:
-        want = grads(lambda a, k: model(*a, **k), call)
+        want = _grads(model, params, lambda a, k: model(*a, **k), call)
     except Exception:  # the model needs the full batch (check_outputs said it runs)
         call = (args, kwargs)
         try:
-            want = grads(lambda a, k: model(*a, **k), call)
+            want = _grads(model, params, lambda a, k: model(*a, **k), call)
         except Exception:  # no backward in eager mode either (an in-place op autograd
             return  # rejects): there are no gradients to hold the graph to
     try:
-        got = grads(lambda a, k: run_program(gm, a, k), call)
+        got = _grads(model, params, lambda a, k: run_program(gm, a, k), call)
     except Exception as exc:
         raise TypeError(
             f"the traced graph's backward fails where the model's runs: "
             f"{type(exc).__name__}: {first_line(exc)}; trace with mode='export'"
         ) from exc
-    if want is None and got is None:
-        return
-    for k, name in enumerate(names):
-        w = None if want is None else want[k]
-        g = None if got is None else got[k]
+    nothing: Grads = (None,) * len(names)
+    for name, w, g in zip(names, want or nothing, got or nothing, strict=True):
         w_zero = w is None or not bool(w.any())
         g_zero = g is None or not bool(g.any())
         if w_zero and g_zero:
@@ -231,6 +211,28 @@ def check_gradients(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kw
                 f"may use torch.no_grad() or torch.enable_grad(), which fx does not record; "
                 f"trace with mode='export'"
             )
+
+
+Grads = tuple[torch.Tensor | None, ...]
+
+
+def _grads(
+    model: nn.Module, params: Sequence[torch.Tensor], run: Any, call: tuple[Args, Kwargs]
+) -> Grads | None:
+    """Parameter gradients of sum(mean(output ** 2)) over ``run(*call)``'s floating outputs
+    (None when no output needs a gradient), leaving the model's state as it was."""
+    with torch.enable_grad(), preserved_state(model):
+        torch.manual_seed(0)
+        out = run(*call)
+        leaves = [
+            leaf
+            for leaf in pytree.tree_leaves(out)
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad
+        ]
+        if not leaves:
+            return None
+        loss = torch.stack([leaf.float().pow(2).mean() for leaf in leaves]).sum()
+        return torch.autograd.grad(loss, params, allow_unused=True)
 
 
 def first_line(exc: BaseException) -> str:
