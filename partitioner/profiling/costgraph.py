@@ -228,6 +228,26 @@ def _ties(gm: fx.GraphModule) -> list[list[str]]:
     return sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
 
+def _seconds(
+    n: fx.Node,
+    found: Any,
+    cost: str,
+    tensors: dict[str, torch.Tensor],
+    peak_flops: float,
+    mem_bandwidth: float,
+) -> float:
+    """A node's seconds of work on a speed-1.0 device: measured, or from FLOPs and bytes."""
+    if n.op in ("placeholder", "get_attr") or n.target is operator.getitem:
+        # Fetching an input, a weight or a tuple item is no work: timed, it is ~3.5 µs of
+        # interpreter overhead per node, which the planner would balance as compute.
+        return 0.0
+    if cost == "time":
+        return float(found.seconds.get(n.name, 0.0))
+    moved = found.in_bytes.get(n.name, 0) + found.out_bytes.get(n.name, 0)
+    moved += sum(nbytes(t) for t in tensors.values())  # call_module weights
+    return int(found.flops.get(n.name, 0)) / peak_flops + moved / mem_bandwidth
+
+
 def _cost_graph(
     gm: fx.GraphModule,
     found: Any,
@@ -258,16 +278,6 @@ def _cost_graph(
         # its bytes are param_bytes, and its out_bytes (what a stage would receive) are 0.
         out_bytes = 0 if n.op == "get_attr" else found.out_bytes.get(n.name, 0)
         flops = int(found.flops.get(n.name, 0))
-        if n.op in ("placeholder", "get_attr") or n.target is operator.getitem:
-            # Fetching an input, a weight or a tuple item is no work: timed, it is ~3.5 µs
-            # of interpreter overhead per node, which the planner would balance as compute.
-            time = 0.0
-        elif cost == "time":
-            time = float(found.seconds.get(n.name, 0.0))
-        else:
-            moved = found.in_bytes.get(n.name, 0) + out_bytes
-            moved += sum(nbytes(t) for t in tensors.values())  # call_module weights
-            time = flops / peak_flops + moved / mem_bandwidth
         if training:
             act = found.saved_bytes.get(n.name, 0) * chunks
         else:
@@ -275,7 +285,7 @@ def _cost_graph(
             act = 0 if view else out_bytes
         graph.add_node(
             n.name,
-            time=time,
+            time=_seconds(n, found, cost, tensors, peak_flops, mem_bandwidth),
             param_bytes=param_bytes,
             out_bytes=out_bytes,
             act_bytes=act,
