@@ -293,3 +293,22 @@ def test_batch_size_dependent_control_flow_names_the_cause() -> None:
         TraceError, match=r"matches the model at the example's 8 rows but not at 2"
     ):
         trace(BySize(), (torch.randn(8, 8),), mode="export")
+
+
+def test_fx_control_flow_error_names_the_submodule_to_keep_whole() -> None:
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(32, 32)
+            self.block = nn.Sequential(nn.Linear(32, 32), Gate(32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(self.inp(x))
+
+    model, x = Wrapped(), torch.randn(4, 32)
+    with pytest.raises(
+        TraceError, match=r"in submodule 'block.1' \(Gate\).*leaf_modules=\['block.1'\]"
+    ):
+        trace(model, (x,), mode="fx")
+    gm = trace(model, (x,), mode="fx", leaf_modules=["block.1"])  # the advice works
+    torch.testing.assert_close(run_program(gm, (x,), {}), model(x))

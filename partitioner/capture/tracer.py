@@ -207,6 +207,8 @@ def _trace_fx(
     saved = _buffer_values(model)
     try:
         graph = tracer.trace(model, concrete_args=dict(constants))
+    except fx.proxy.TraceError as exc:
+        raise _where_control_flow(model, tracer, exc) from exc
     finally:
         changed = _restore_buffers(model, saved)
     if changed:
@@ -224,6 +226,20 @@ def _trace_fx(
     leaves_, unflatten = output_program(gm)
     program = Program(tuple(ph for _, ph in placeholders), leaves_, binder, unflatten)
     return _set_meta(gm, program)
+
+
+def _where_control_flow(model: nn.Module, tracer: fx.Tracer, exc: Exception) -> TraceError:
+    """fx's control-flow error, with the submodule it happened in: the one to keep whole."""
+    stack = [path for path in getattr(tracer, "module_stack", {}) if path]
+    if not stack:
+        where = f"in {type(model).__name__}.forward itself, so no submodule can be kept whole"
+    else:
+        path, sub = stack[-1], type(model.get_submodule(stack[-1])).__name__
+        where = (
+            f"in submodule {path!r} ({sub}): trace(..., leaf_modules=[{path!r}], mode='fx') "
+            f"keeps it whole, on one stage"
+        )
+    return TraceError(f"{first_line(exc)} {where}")
 
 
 def _buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
