@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+from dataclasses import replace
 
 import networkx as nx
 import pytest
@@ -22,7 +23,7 @@ from partitioner.cli.render import (
     summary,
 )
 from partitioner.planner.cost import DeviceSpec
-from partitioner.planner.plan import make_plan
+from partitioner.planner.plan import Plan, make_plan
 
 
 def _graph() -> nx.DiGraph:
@@ -153,3 +154,60 @@ def test_render_svg_with_graphviz(tmp_path) -> None:
     path = tmp_path / "plan.svg"
     render_svg(plan_to_dot(_plan(graph), graph), str(path))
     assert "<svg" in path.read_text()
+
+
+#: A name that ends a DOT string and adds statements unless its backslash is escaped too
+#: (\\" would read as an escaped backslash, then the closing quote), breaks its line, and
+#: ends in a backslash.
+EVIL = 'a\\"]; evil -> x [\nb"\\'
+#: How `plan_to_dot` writes it inside quotes: \\ for \, \" for ", \\n for the newline.
+EVIL_DOT = 'a\\\\\\"]; evil -> x [\\\\nb\\"\\\\'
+
+
+def _skeleton(dot: str) -> list[str]:
+    """DOT's lines with every quoted string as Q and every box id as G, sorted."""
+    bare = re.sub(r"\bg\d+\b", "G", re.sub(r'"(?:[^"\\]|\\.)*"', "Q", dot, flags=re.S))
+    return sorted(bare.splitlines())
+
+
+def _evil_plan() -> tuple[nx.DiGraph, Plan]:
+    graph = _graph()
+    nx.relabel_nodes(graph, {"x": EVIL}, copy=False)  # an input: its box shows its name
+    plan = _plan(graph).on_devices([DeviceSpec(EVIL), DeviceSpec("cpu\t1\x00\r")])
+    return graph, replace(plan, model=EVIL)
+
+
+def test_dot_escapes_every_name_exactly() -> None:
+    graph, plan = _evil_plan()
+    dot = plan_to_dot(plan, graph)
+    assert dot.startswith(f'digraph "{EVIL_DOT}" {{\n')
+    assert f'[label="{EVIL_DOT}\\n1 op, 0 s", fillcolor=' in dot
+    assert f'label="stage 0: {EVIL_DOT}  (cost 5 ms)";' in dot
+    assert 'label="stage 1: cpu\\\\t1\\\\x00\\\\r  (cost 11 ms)";' in dot
+    chain = plan_to_dot(plan)
+    assert f's0 [label="stage 0: {EVIL_DOT}\\n3 ops: {EVIL_DOT} .. act0\\n' in chain
+
+
+def test_dot_names_add_no_statement() -> None:
+    graph, plan = _evil_plan()
+    plain = _graph()
+    assert _skeleton(plan_to_dot(plan, graph)) == _skeleton(plan_to_dot(_plan(plain), plain))
+    assert _skeleton(plan_to_dot(plan)) == _skeleton(plan_to_dot(_plan(plain)))
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is not installed")
+def test_graphviz_reads_one_label_per_name() -> None:
+    import json
+    import subprocess
+
+    graph, plan = _evil_plan()
+    for dot in (plan_to_dot(plan, graph), plan_to_dot(plan)):
+        done = subprocess.run(
+            ["dot", "-Tjson"], input=dot.encode(), capture_output=True, timeout=60, check=True
+        )
+        drawn = json.loads(done.stdout)
+        names = {o["name"] for o in drawn["objects"]}
+        assert names <= {"cluster_0", "cluster_1", *(f"g{i}" for i in range(6)), "s0", "s1"}
+        assert drawn["name"] == EVIL_DOT.replace('\\"', '"')  # as DOT reads the quotes
+        labels = [o.get("label", "") for o in drawn["objects"]]
+        assert any(f"stage 0: {drawn['name']}" in label for label in labels)

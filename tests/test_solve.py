@@ -82,7 +82,7 @@ def test_memory_errors_say_what_is_needed() -> None:
     with pytest.raises(InfeasiblePlanError, match="400 B in all and 100 B for its largest node"):
         solve(g, [DeviceSpec("a", 150), DeviceSpec("b", 150)])
     with pytest.raises(InfeasiblePlanError, match="largest node"):
-        solve(g, [DeviceSpec("a", 90)] * 5)
+        solve(g, [DeviceSpec(f"a{k}", 90) for k in range(5)])
 
 
 def test_memory_infeasible_beyond_the_fast_checks() -> None:

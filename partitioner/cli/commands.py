@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 
 import networkx as nx
+from rich.markup import escape
 
 from partitioner.cli.common import (
     check_memory,
@@ -31,11 +32,12 @@ def print_plan(plan: Plan, out: Output, fmt: str, graph: nx.DiGraph | None = Non
         out.raw(plan.to_json())
     elif fmt == "dot":
         out.raw(plan_to_dot(plan, graph))
-    else:
-        out.show(stage_table(plan, title=f"{plan.model or 'plan'} on {plan.num_stages} stages"))
+    else:  # the plan's own strings (model, solver, names) are text, never rich markup
+        title = f"{escape(plan.model or 'plan')} on {plan.num_stages} stages"
+        out.show(stage_table(plan, title=title))
         out.show("")
         for label, value in summary(plan):
-            out.show(f"[bold]{label:>13}[/bold]  {value}")
+            out.show(f"[bold]{label:>13}[/bold]  {escape(value)}")
 
 
 def write_svg(plan: Plan, path: str, out: Output, graph: nx.DiGraph | None = None) -> None:
@@ -74,6 +76,8 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
+    # Plan.load reads only a regular file of at most 64 MiB, as JSON: no code runs, a FIFO
+    # or /dev/zero is refused before it is opened, and any fault is one PlanError line.
     plan = Plan.load(args.plan)
     print_plan(plan, out, args.format)
     if args.svg:

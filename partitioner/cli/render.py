@@ -6,6 +6,7 @@ Library code: everything here returns text or renderables; the CLI prints them.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 from collections import defaultdict
@@ -147,8 +148,30 @@ def summary(plan: Plan) -> list[tuple[str, str]]:
     ]
 
 
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+#: What DOT cannot take verbatim inside a quoted string: control characters (a newline,
+#: a carriage return, ...) and lone surrogates, which no encoder writes.
+_UNSAFE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_VISIBLE = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _VISIBLE.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def _quote(*lines: str) -> str:
+    """A DOT quoted string showing ``lines`` one under another, each exactly as written.
+
+    Inside quotes DOT ends the string at a bare ``"``, joins the next line after a ``\\``
+    at the end of one, and reads ``\\n``, ``\\l``, ``\\N``... in labels: so a backslash is
+    doubled, a quote escaped and a control character shown as its escape (``\\n``,
+    ``\\x00``). No name can end the string, break the line or add a statement.
+    """
+    parts = (
+        _UNSAFE.sub(_visible, line).replace("\\", "\\\\").replace('"', '\\"') for line in lines
+    )
+    return '"' + "\\n".join(parts) + '"'
 
 
 def _module_parts(graph: nx.DiGraph, v: str) -> list[str]:
@@ -225,21 +248,14 @@ def plan_to_dot(plan: Plan, graph: nx.DiGraph | None = None, max_groups: int = M
                 continue
             count = int(figures["nodes"])
             ops = f"{count} op" + ("s" if count != 1 else "")
-            text = f"{where[0]}\\n{ops}, {fmt_time(figures['time'])}"
+            text = [where[0], f"{ops}, {fmt_time(figures['time'])}"]
             if figures["param_bytes"]:
-                text += f"\\n{fmt_bytes(figures['param_bytes'])} params"
-            lines.append(
-                f'    {ids[where]} [label="{_escape_label(text)}", fillcolor="{colour}"];'
-            )
+                text.append(f"{fmt_bytes(figures['param_bytes'])} params")
+            lines.append(f'    {ids[where]} [label={_quote(*text)}, fillcolor="{colour}"];')
         lines.append("  }")
     lines.extend(_dot_edges(graph, groups, ids))
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def _escape_label(text: str) -> str:
-    # Keep the "\n" line breaks DOT understands; escape quotes only.
-    return text.replace('"', '\\"')
 
 
 def _dot_edges(
@@ -257,7 +273,7 @@ def _dot_edges(
             continue
         nbytes = sum(int(graph.nodes[u].get("out_bytes", 0)) for u in producers)
         lines.append(
-            f'  {ids[a]} -> {ids[b]} [label="{fmt_bytes(nbytes)}", color="#d62728", '
+            f'  {ids[a]} -> {ids[b]} [label={_quote(fmt_bytes(nbytes))}, color="#d62728", '
             f'fontcolor="#d62728", penwidth=2];'
         )
     return lines
@@ -277,14 +293,15 @@ def _stage_chain_dot(plan: Plan) -> str:
     lines = _dot_header(plan, "LR", 'color="#d62728", fontcolor="#d62728"')
     for j, s in enumerate(plan.stages):
         text = (
-            f"stage {j}: {s.device}\\n{s.nodes} ops: {s.first or '-'} .. {s.last or '-'}"
-            f"\\ncost {fmt_time(s.cost)}, memory {fmt_bytes(s.memory)}"
+            f"stage {j}: {s.device}",
+            f"{s.nodes} ops: {s.first or '-'} .. {s.last or '-'}",
+            f"cost {fmt_time(s.cost)}, memory {fmt_bytes(s.memory)}",
         )
         colour = PALETTE[j % len(PALETTE)]
-        lines.append(f'  s{j} [label="{_escape_label(text)}", fillcolor="{colour}"];')
+        lines.append(f'  s{j} [label={_quote(*text)}, fillcolor="{colour}"];')
     for j in range(1, plan.num_stages):
-        label = f"in {fmt_bytes(plan.stages[j].in_bytes)}"
-        lines.append(f'  s{j - 1} -> s{j} [label="{label}"];')
+        label = _quote(f"in {fmt_bytes(plan.stages[j].in_bytes)}")
+        lines.append(f"  s{j - 1} -> s{j} [label={label}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

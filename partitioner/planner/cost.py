@@ -118,6 +118,10 @@ def normalize_devices(devices: DevicesLike, default_prefix: str = "dev") -> list
     specs = [d if isinstance(d, DeviceSpec) else DeviceSpec(str(d)) for d in devices]
     if not specs:
         raise ValueError("devices must not be empty (got an empty list)")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"device names must be unique ({', '.join(twice)} given twice)")
     return specs
 
 

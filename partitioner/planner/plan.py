@@ -1,6 +1,9 @@
 """The Plan: an assignment of graph nodes to stages, with its figures, as versioned JSON.
 
-Loading never executes code: a plan file is plain JSON, checked field by field.
+Loading never runs code and never blocks: `planfile` reads the file (a regular file of at
+most 64 MiB) as strict JSON, `schema` checks it against the declared table of fields
+([Note: plan schema]), and `_check_links` checks the fields that must agree. A malformed
+plan is one `PlanError` naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -23,14 +26,10 @@ from partitioner.planner.cost import (
     evaluate,
     normalize_devices,
 )
+from partitioner.planner.planfile import read_document
+from partitioner.planner.schema import SCHEMA, STATUSES, check, key_path, refusal, shown
 
-__all__ = ["SCHEMA", "Plan", "StageInfo", "make_plan"]
-
-SCHEMA = "modelsplit.plan/1"
-
-#: Statuses a plan may carry: proven within the requested gap; a solution without
-#: that proof; the best heuristic when the ILP found nothing; a baseline policy.
-STATUSES = ("optimal", "feasible", "heuristic", "baseline")
+__all__ = ["SCHEMA", "STATUSES", "Plan", "StageInfo", "make_plan"]
 
 
 def default_chunks(num_devices: int) -> int:
@@ -128,26 +127,18 @@ class Plan:
             "chunks": self.chunks,
             "signature": self.signature,
             "devices": [d.to_dict() for d in self.device_specs],
-            "stages": [
-                {
-                    "device": s.device,
-                    "nodes": s.nodes,
-                    "time": s.time,
-                    "in_bytes": s.in_bytes,
-                    "cost": s.cost,
-                    "param_bytes": s.param_bytes,
-                    "act_bytes": s.act_bytes,
-                    "first": s.first,
-                    "last": s.last,
-                }
-                for s in self.stages
-            ],
+            "stages": [asdict(s) for s in self.stages],
             "assignment": dict(self.assignment),
             "meta": self.meta,
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """The plan file's text; a figure that is not finite is a PlanError here, not a
+        file that `load` would refuse later."""
+        try:
+            return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        except ValueError as exc:
+            raise PlanError(f"the plan holds a figure that is not finite ({exc})") from exc
 
     def save(self, path: str | os.PathLike[str]) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -156,24 +147,13 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """The plan `to_dict` gave, checked: PlanError, and only that, when malformed."""
         return _plan_from_dict(data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise PlanError(f"cannot read plan file {os.fspath(path)!r}: {e.strerror}") from e
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(
-                f"plan file {os.fspath(path)!r} is not valid JSON "
-                f"(line {e.lineno}, column {e.colno}: {e.msg}); "
-                f"re-create it with `modelsplit plan`"
-            ) from e
-        return _plan_from_dict(data)
+        """The plan `save` wrote at ``path``: PlanError, and only that, when anything is off."""
+        return _plan_from_dict(read_document(path))
 
     # -- checks --------------------------------------------------------------
     def validate(self, node_names: Iterable[str], graph: nx.DiGraph | None = None) -> None:
@@ -206,79 +186,57 @@ class Plan:
                     )
 
 
-def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in data:
-        raise PlanError(f"plan field {key!r} is missing")
-    value = data[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise PlanError(f"plan field {key!r} has the wrong type ({type(value).__name__})")
-    return value
-
-
-def _plan_from_dict(data: Mapping[str, Any]) -> Plan:
-    if not isinstance(data, Mapping):
-        raise PlanError("a plan must be a JSON object")
-    schema = data.get("schema")
-    if schema != SCHEMA:
-        raise PlanError(f"unknown plan schema {schema!r}: this version reads {SCHEMA!r}")
-    num = (int, float)
-    assignment = _need(data, "assignment", dict)
-    devices_raw = _need(data, "devices", list)
-    stages_raw = _need(data, "stages", list)
-    try:
-        specs = [
-            DeviceSpec(str(d["name"]), d.get("memory"), float(d.get("speed", 1.0)))
-            for d in devices_raw
-        ]
-    except (KeyError, TypeError, ValueError) as e:
-        raise PlanError(f"plan field 'devices' is malformed: {e}") from e
-    try:
-        stages = [
-            StageInfo(
-                device=str(s["device"]),
-                nodes=int(s["nodes"]),
-                time=float(s["time"]),
-                in_bytes=int(s["in_bytes"]),
-                cost=float(s["cost"]),
-                param_bytes=int(s["param_bytes"]),
-                act_bytes=int(s["act_bytes"]),
-                first=s.get("first"),
-                last=s.get("last"),
-            )
-            for s in stages_raw
-        ]
-    except (KeyError, TypeError, ValueError) as e:
-        raise PlanError(f"plan field 'stages' is malformed: {e}") from e
-    for v, k in assignment.items():
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(stages):
-            raise PlanError(
-                f"plan field 'assignment': node {v!r} goes to stage {k!r}, "
-                f"outside 0..{len(stages) - 1}"
-            )
-    if len(stages) > len(specs):
-        raise PlanError(f"plan field 'stages' lists {len(stages)} stages for {len(specs)} devices")
-    status = _need(data, "status", str)
-    if status not in STATUSES:
-        raise PlanError(f"plan field 'status' is {status!r}, not one of {STATUSES}")
-    bandwidth = data.get("bandwidth", DEFAULT_BANDWIDTH)
+def _plan_from_dict(data: Any) -> Plan:
+    fields = check(data)
+    _check_links(fields)
+    plain = {k: v for k, v in fields.items() if k not in ("schema", "devices", "stages")}
     return Plan(
-        assignment=dict(assignment),
-        device_specs=specs,
-        stages=stages,
-        bottleneck=float(_need(data, "bottleneck", num)),
-        comm_bytes=int(_need(data, "comm_bytes", num)),
-        lower_bound=float(_need(data, "lower_bound", num)),
-        gap=float(_need(data, "gap", num)),
-        status=status,
-        solver=str(_need(data, "solver", str)),
-        solve_time=float(data.get("solve_time", 0.0)),
-        objective=str(data.get("objective", "throughput")),
-        bandwidth=bandwidth,
-        chunks=int(data.get("chunks", 1)),
-        signature=list(data.get("signature", [])),
-        model=str(data.get("model", "")),
-        meta=dict(data.get("meta", {})),
+        device_specs=[DeviceSpec(**d) for d in fields["devices"]],
+        stages=[StageInfo(**s) for s in fields["stages"]],
+        **plain,
     )
+
+
+def _check_links(plan: Mapping[str, Any]) -> None:
+    """What the schema's table cannot say: the fields that must agree with one another."""
+    devices, stages, n = plan["devices"], plan["stages"], len(plan["stages"])
+    if len(devices) != n:
+        fix = "list one device per stage in 'devices', in stage order"
+        raise refusal("stages", f"lists {n} stages for {len(devices)} devices", fix)
+    seen: dict[str, int] = {}
+    for k, (device, stage) in enumerate(zip(devices, stages, strict=True)):
+        name = device["name"]
+        if name in seen:
+            problem = f"repeats {shown(name)} (devices[{seen[name]}].name)"
+            raise refusal(f"devices[{k}].name", problem, "give each device a name of its own")
+        seen[name] = k
+        if stage["device"] != name:
+            problem = f"is {shown(stage['device'])} but devices[{k}].name is {shown(name)}"
+            fix = f"stage {k} runs on devices[{k}]: make the two names agree"
+            raise refusal(f"stages[{k}].device", problem, fix)
+    used: set[int] = set()
+    for node, k in plan["assignment"].items():
+        if k >= n:
+            fix = "give the index of one of the plan's stages"
+            raise refusal("assignment" + key_path(node), f"is {k}, outside 0..{n - 1}", fix)
+        used.add(k)
+    if len(used) < n:
+        problem = f"places no node on stage {min(set(range(n)) - used)}"
+        raise refusal("assignment", problem, "place a node on every stage")
+    bandwidth = plan["bandwidth"]
+    if isinstance(bandwidth, list):
+        _check_matrix(bandwidth, n)
+
+
+def _check_matrix(bandwidth: list[list[float]], n: int) -> None:
+    if len(bandwidth) != n or any(len(row) != n for row in bandwidth):
+        fix = f"give {n} rows of {n} numbers, [source][destination], one per device"
+        raise refusal("bandwidth", f"is not a {n} x {n} matrix", fix)
+    for i, row in enumerate(bandwidth):
+        for j, value in enumerate(row):
+            if i != j and not value > 0:
+                fix = "write the bytes/s between two devices, a number > 0"
+                raise refusal(f"bandwidth[{i}][{j}]", f"is {shown(value)}", fix)
 
 
 def _compact(assignment: Mapping[str, int]) -> tuple[Assignment, list[int]]:
