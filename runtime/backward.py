@@ -15,7 +15,12 @@ run one after another. With ``backward="pipelined"`` (CPU stages only):
   ``torch.autograd.grad(outputs, inputs + parameters)``, in stage j's worker thread, in
   reverse clock cycles (`runtime.schedule.backward_cycles`): stage j works on micro-batch
   i while stage j + 1 works on micro-batch i + 1. Gradients of a value read by several
-  stages are summed before its producer runs.
+  stages are summed before its producer runs, and parameter gradients over micro-batches
+  in the worker, in a tensor of the pipeline's own (`_accumulate`: autograd may hand back
+  one tensor for several gradients);
+- ``stage_timeout`` holds as in forward: a stage that sends no result for that long is a
+  `StageError` wrapping `StageTimeout`, naming the stage and micro-batch, and its worker is
+  left behind (it skips what is queued once it returns);
 - the Function returns the parameter gradients summed over micro-batches, so both
   ``loss.backward()`` (``.grad`` accumulates as usual) and ``torch.autograd.grad(loss,
   params)`` work.
@@ -29,6 +34,7 @@ worker blocking an autograd device thread could deadlock.
 from __future__ import annotations
 
 import contextlib
+import queue
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +44,16 @@ from torch.autograd.function import once_differentiable
 
 from runtime.errors import StageError
 from runtime.microbatch import gather, tree_leaves
+from runtime.recovery.faults import StageTimeout
 from runtime.schedule import backward_cycles
-from runtime.worker import Task, WorkerSpec, available_cores, cycle_threads, spawn_workers
+from runtime.worker import (
+    OutQueue,
+    Task,
+    WorkerSpec,
+    available_cores,
+    cycle_threads,
+    spawn_workers,
+)
 
 if TYPE_CHECKING:
     from runtime.pipeline import Pipeline
@@ -184,8 +198,11 @@ class _State:
         self.pending: dict[tuple[int, str], list[torch.Tensor | None]] = {}
         # stage_grads[j][id(p)]: parameter p's gradient summed over stage j's tasks so far
         self.stage_grads: list[dict[int, torch.Tensor]] = [{} for _ in stage_params]
+        # owned[j]: the keys of stage_grads[j] whose tensor the pipeline made (see _accumulate)
+        self.owned: list[set[int]] = [set() for _ in stage_params]
         # wrt[(i, j)]: the input leaves task (i, j) differentiates, as (name, leaf index, leaf)
         self.wrt: dict[tuple[int, int], list[tuple[str, int, torch.Tensor]]] = {}
+        self.done: set[tuple[int, int]] = set()  # the backward tasks (i, j) that finished
 
     def add(self, i: int, name: str, grads: Sequence[torch.Tensor | None]) -> None:
         have = self.pending.get((i, name))
@@ -247,30 +264,42 @@ class _State:
             WorkerSpec(d, s, t)
             for d, s, t in zip(pipe.devices, pipe._streams, pipe._threads, strict=True)
         ]
-        done: set[tuple[int, int]] = set()
-        with spawn_workers(specs, name="modelsplit-backward") as (in_queues, out_queue, _):
-
-            def wait_for(i: int, j: int) -> None:
-                while (i, j) not in done:
-                    ok, (task, payload) = out_queue.get()
-                    if not ok:
-                        if payload is None:
-                            continue
-                        if not isinstance(payload, Exception):  # KeyboardInterrupt: as is
-                            raise payload
-                        device = str(pipe.devices[task.j])
-                        raise StageError(task.j, device, task.i, payload) from payload
-                    self._receive(task.i, task.j, payload)
-                    done.add((task.i, task.j))
-
+        with spawn_workers(specs, name="modelsplit-backward", join_timeout=pipe.stage_timeout) as (
+            in_queues,
+            out_queue,
+            _,
+        ):
             for cycle in backward_cycles(self.m, self.n):
                 for i, j in cycle:
                     for k in range(j + 1, self.n):
-                        wait_for(i, k)
+                        self._wait_for(out_queue, i, k)
                     count = None if threads is None else threads[i][j]
                     in_queues[j].put(Task(i, j, self._task(i, j), count))
             for i in range(self.m):
-                wait_for(i, 0)
+                self._wait_for(out_queue, i, 0)
+
+    def _wait_for(self, out_queue: OutQueue, i: int, j: int) -> None:
+        """Take results until task (i, j) is done. As in forward, past ``stage_timeout``
+        with no result, stage j, whose earlier micro-batches all ran, is the one not
+        answering: a `StageError` wrapping `StageTimeout` (its thread is left behind)."""
+        timeout = self.pipe.stage_timeout
+        while (i, j) not in self.done:
+            try:
+                ok, (task, payload) = out_queue.get(timeout=timeout)
+            except queue.Empty:
+                late = min(k for k in range(i + 1) if (k, j) not in self.done)
+                device = str(self.pipe.devices[j])
+                timed_out = StageTimeout(device, f"no answer within {timeout}s in backward")
+                raise StageError(j, device, late, timed_out) from timed_out
+            if not ok:
+                if payload is None:  # skipped while stopping
+                    continue
+                if not isinstance(payload, Exception):  # KeyboardInterrupt: as is
+                    raise payload
+                device = str(self.pipe.devices[task.j])
+                raise StageError(task.j, device, task.i, payload) from payload
+            self._receive(task.i, task.j, payload)
+            self.done.add((task.i, task.j))
 
     def _task(self, i: int, j: int) -> Any:
         route = self.pipe._route
@@ -296,7 +325,7 @@ class _State:
         self.graphs.outputs[i][j] = ()
         self.graphs.inputs[i][j] = ()
 
-        sums = self.stage_grads[j]
+        sums, owned = self.stage_grads[j], self.owned[j]
         lock = self.graphs.locks[j]
 
         def compute() -> list[Any]:
@@ -305,16 +334,9 @@ class _State:
                 return []
             with lock if lock is not None else contextlib.nullcontext():
                 got = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
-            # Sum the parameter gradients over micro-batches here, in place: stage j's tasks
-            # run one at a time in its worker, and a fresh sum per micro-batch would
-            # allocate (and page-fault) a parameter-sized tensor each time.
             for p, g in zip(params, got[len(wrt_inputs) :], strict=True):
                 if g is not None:
-                    have = sums.get(id(p))
-                    if have is None:
-                        sums[id(p)] = g
-                    else:
-                        have.add_(g)
+                    _accumulate(sums, owned, id(p), g)
             return list(got[: len(wrt_inputs)])
 
         self.wrt[(i, j)] = wrt_inputs
@@ -344,3 +366,26 @@ class _State:
                 g = g if g.device == device else g.to(device)
                 total[key] = g if key not in total else total[key] + g
         return total
+
+
+def _accumulate(sums: dict[int, torch.Tensor], owned: set[int], key: int, g: torch.Tensor) -> None:
+    """Add ``g`` to ``sums[key]``, in place once the sum is a tensor of our own.
+
+    Stage j's tasks run one at a time in its worker, so the sum over micro-batches can
+    grow in place rather than allocate (and page-fault) a parameter-sized tensor per
+    micro-batch. But the tensors ``autograd.grad`` returns are not ours to write: with
+    one-row micro-batches a broadcast parameter's gradient is the very tensor of its
+    consumer's gradient (``h + pos``, ``cls.expand(1, ...)``), or a view of it through
+    ``cat``, so it is shared with another parameter's gradient, with the input gradient
+    the previous stage is reading at that moment, or with the caller's output gradient.
+    So the first micro-batch's gradient is kept as it is, never written, and the second
+    makes a fresh sum (``have + g``) that later micro-batches add to in place.
+    """
+    have = sums.get(key)
+    if have is None:
+        sums[key] = g
+    elif key in owned:
+        have.add_(g)
+    else:
+        sums[key] = have + g
+        owned.add(key)

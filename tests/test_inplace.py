@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from partitioner import ModelSplitter
-from partitioner.capture.inplace import functionalize_inplace
+from partitioner.capture.inplace import functionalize_inplace, mutation_hazards
 from partitioner.capture.tracer import trace
-from partitioner.errors import TraceError
+from partitioner.errors import PlanError, TraceError
 from partitioner.splitting.compose import run_stages
 from partitioner.splitting.cut import split
 from runtime import Pipeline
+from runtime.mutation import mutated_inputs
 from tests.test_split import COMPUTE, plan_for
 
 
@@ -213,3 +215,120 @@ def test_out_arguments_are_refused_by_fx() -> None:
     # (eager autograd refuses out= on tensors that require grad too, so export cannot help)
     with pytest.raises(TraceError, match="fx: TypeError: .*through out=.*mode='export'"):
         trace(WritesOut(), (torch.randn(4, 8),), mode="fx")
+
+
+# -- issue 15.2: export graphs, aliases, and the stage-input scan -------------------
+
+
+class _WritesThroughSlice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h[:, :4] += 1
+        h.relu_()
+        return self.b(h)
+
+
+class _ReluThroughIdentity(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.side, self.main = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.identity = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        z = self.side(h)
+        return self.main(self.act(self.identity(h))) + z
+
+
+def test_export_graphs_get_their_mutations_as_data_flow() -> None:
+    torch.manual_seed(0)
+    model = _WritesThroughSlice()
+    x = torch.randn(4, 8)
+    gm = trace(model, (x,), mode="export")
+    # h[:, :4] += 1 is one node now, which the relu_ that follows reads
+    fused = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert len(fused) == 2  # add_ and copy_ (export writes the slice back)
+    relu = next(n for n in gm.graph.nodes if "relu_" in str(n.target))
+    assert relu.args[0] is fused[-1]
+    assert mutation_hazards(gm) == []
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_fx_reads_through_identity_and_clones_for_the_earlier_reader() -> None:
+    gm = torch.fx.symbolic_trace(_ReluThroughIdentity())
+    assert len(mutation_hazards(gm)) == 1  # side reads h, which relu_ changes through identity
+    assert functionalize_inplace(gm) == 1
+    act = next(n for n in gm.graph.nodes if n.target == "act")
+    assert act.args[0].target == "clone"  # side keeps the h it read in eager mode
+    assert not any(n.target == "identity" for n in gm.graph.nodes)
+    assert mutation_hazards(gm) == []
+
+
+def test_split_refuses_a_graph_whose_mutation_crosses_stages() -> None:
+    # A graph partitioner.trace did not make: only the node order says side reads h first.
+    gm = torch.fx.symbolic_trace(_ReluThroughIdentity())
+    names = [n.name for n in gm.graph.nodes if n.op in COMPUTE]
+    assert names == ["a", "side", "identity", "act", "main", "add"]
+    crossing = dict(zip(names, [0, 1, 0, 0, 0, 1], strict=True))
+    with pytest.raises(PlanError, match="in-place node 'act' changes a tensor.*partitioner.trace"):
+        split(gm, plan_for(gm, crossing))
+    together = dict(zip(names, [0, 0, 0, 0, 1, 1], strict=True))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(run_stages(split(gm, plan_for(gm, together)), x), gm(x))
+
+
+def _export_stage(body: Any) -> torch.fx.GraphModule:
+    class Stage(nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return body(x, y)  # type: ignore[no-any-return]
+
+    args = (torch.randn(2, 4), torch.randn(2, 4))
+    return torch.export.export(Stage(), args, strict=False).module()
+
+
+@pytest.mark.parametrize(
+    ("body", "want"),
+    [
+        (lambda x, y: x.relu_() + y, {0}),  # aten.relu_.default: its schema writes self
+        (lambda x, y: x.add_(y), {0}),
+        (lambda x, y: y[:, :2].mul_(2).sum() + x, {1}),  # through a view
+        (lambda x, y: x + y, set()),
+    ],
+)
+def test_stage_input_scan_reads_aten_schemas(body: Any, want: set[int]) -> None:
+    assert mutated_inputs(_export_stage(body)) == want
+
+
+def test_stage_input_scan_follows_aliases() -> None:
+    class Stage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop_path = nn.Identity()
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.act(self.drop_path(x)) + y.view(-1).sum()
+
+    assert mutated_inputs(torch.fx.symbolic_trace(Stage())) == {0}
+
+
+def test_observed_write_through_a_maybe_view_is_a_clear_error() -> None:
+    class Reshapes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            flat = h.reshape(-1)  # a view or a copy, as the strides have it
+            h.relu_()
+            return flat.sum() + h
+
+    with pytest.raises(TraceError, match="may or may not share memory"):
+        trace(Reshapes(), (torch.randn(4, 8),), mode="export")

@@ -36,6 +36,7 @@ import torch.fx._pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from partitioner.capture.binding import PROGRAM_KEY, ExportBinder, FxBinder, output_program
+from partitioner.capture.inplace import mutation_hazards
 from partitioner.errors import PlanError
 from partitioner.planner.plan import Plan
 from partitioner.splitting.compose import run_stages, shared_tensors
@@ -67,6 +68,7 @@ def split(gm: torch.fx.GraphModule, plan: Plan) -> list[torch.fx.GraphModule]:
     not place, a stage out of range, an edge whose stage goes backwards).
     """
     _check_plan(gm, plan)
+    _check_mutations(gm, plan)
     program = gm.meta.get(PROGRAM_KEY)
     if not isinstance(program, Program):
         program = program_from_graph(gm)
@@ -107,6 +109,23 @@ def _check_plan(gm: torch.fx.GraphModule, plan: Plan) -> None:
         if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < k:
             raise PlanError(f"plan puts node {name!r} on stage {j!r}, outside 0..{k - 1}")
     plan.validate(names, edges)
+
+
+def _check_mutations(gm: torch.fx.GraphModule, plan: Plan) -> None:
+    """PlanError for an in-place op whose change nodes on other stages see without a data
+    edge: only the node order says who reads before and who after, which a split loses
+    ([Note: in-place ops] in partitioner/capture/inplace.py). `trace` leaves none."""
+    for m, involved in mutation_hazards(gm):
+        nodes = [m, *(n for n in involved if n.op in COMPUTE_OPS)]
+        stages = sorted({plan.assignment[n.name] for n in nodes})
+        if len(stages) > 1:
+            others = ", ".join(repr(n.name) for n in nodes[1:])
+            raise PlanError(
+                f"in-place node {m.name!r} changes a tensor that {others} also read, and the "
+                f"plan puts them on stages {stages}: the split could reorder who sees the "
+                f"change. Trace the model with partitioner.trace (it makes in-place ops data "
+                f"flow) or keep these nodes on one stage"
+            )
 
 
 # -- layout --------------------------------------------------------------------
