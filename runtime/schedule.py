@@ -1,10 +1,44 @@
-"""The GPipe schedule as data: clock cycles of (micro-batch, stage) tasks, and a printer."""
+"""Schedules as data: the GPipe clock cycles `Pipeline` runs, and the training schedules.
+
+`clock_cycles` and `backward_cycles` are the forward and backward clock cycles of the
+threaded pipeline (`runtime.pipeline`, `runtime.backward`), `format_schedule` prints them.
+The training schedules (``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zero-bubble``: `Action`,
+`actions`, `format_grid`, `SCHEDULES`; docs/schedules.md) live in the torch-free planner
+core, `partitioner.planner.schedules`, so that `partitioner.planner.simulation` can time them;
+they are re-exported here, loaded on first use so that ``import runtime`` does not load the
+planner.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Schedule", "action", "backward_cycles", "clock_cycles", "format_schedule"]
+if TYPE_CHECKING:
+    from partitioner.planner.schedules import SCHEDULES, Action, actions, format_grid
+
+__all__ = [
+    "SCHEDULES",
+    "Action",
+    "Schedule",
+    "action",
+    "actions",
+    "backward_cycles",
+    "clock_cycles",
+    "format_grid",
+    "format_schedule",
+]
+
+_PLANNED = ("SCHEDULES", "Action", "actions", "format_grid")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PLANNED:
+        from partitioner.planner import schedules
+
+        return getattr(schedules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # One clock cycle: the (i, j) tasks that may run at the same time,
 # i the micro-batch index (0..m-1), j the stage index (0..n-1).
