@@ -18,7 +18,7 @@ from partitioner.capture.binding import program_of
 from partitioner.capture.tracer import trace
 from partitioner.errors import ModelSplitError
 from partitioner.examples import MLP, MODELS, SMALL, small
-from partitioner.planner.cost import validate_graph
+from partitioner.planner.cost import evaluate, validate_graph
 from partitioner.profiling.costgraph import profile
 
 NODE_ATTRS = {
@@ -76,7 +76,12 @@ def check_contract(graph: nx.DiGraph, gm: fx.GraphModule, model: nn.Module) -> N
                 assert graph.has_edge(node.name, user.name)
     assert set(graph.graph) >= GRAPH_ATTRS
     assert graph.graph["inputs"] == list(program_of(gm).inputs)
-    assert sum(d for _, d in graph.nodes(data="param_bytes")) == unique_bytes(model)
+    # [Note: weights live with their readers]: each tensor once in the weight table, once on
+    # a one-stage plan, and on every reader in the per-node figures the planner sums
+    assert sum(graph.graph["weight_bytes"].values()) == unique_bytes(model)
+    one = evaluate(graph, dict.fromkeys(graph.nodes, 0), 1, 1e9).stages[0].param_bytes
+    assert one == unique_bytes(model)
+    assert sum(d for _, d in graph.nodes(data="param_bytes")) >= unique_bytes(model)
     state = set(gm.state_dict()) | {n for n, _ in gm.named_buffers()}
     for used in graph.graph["params"].values():
         assert set(used) <= state
@@ -118,6 +123,19 @@ def test_tied_weights_are_counted_once_and_recorded() -> None:
         graph = profile(gm, args, repeat=1)
         assert graph.graph["ties"] == [["head.weight", "tok.weight"]]
         check_contract(graph, gm, model)
+        # the tied tensor counts on both of its readers' stages, as the runtime holds it
+        (name,) = set(graph.graph["weight_bytes"]) & {"tok.weight", "head.weight"}
+        order = list(graph)
+        held = graph.graph["held"].items()
+        readers = [
+            order.index(v) for v, ws in held if name in ws and graph.nodes[v]["op"] != "get_attr"
+        ]
+        assert len(readers) == 2  # the embedding and the LM head (export adds an unused copy)
+        split = {v: 0 if i < max(readers) else 1 for i, v in enumerate(order)}
+        ev = evaluate(graph, split, 2, 1e9)
+        assert ev.valid
+        for stage in ev.stages:
+            assert stage.param_bytes >= graph.graph["weight_bytes"][name]
 
 
 def test_flop_cost_uses_peak_and_bandwidth() -> None:

@@ -260,14 +260,27 @@ def _check_assignment(graph: nx.DiGraph, assignment: Mapping[str, int], n: int) 
 def _loads(
     graph: nx.DiGraph, assignment: Mapping[str, int], n: int
 ) -> tuple[list[float], list[int], list[int], list[int]]:
-    """Per stage: seconds of work, parameter bytes, activation bytes, node count."""
+    """Per stage: seconds of work, parameter bytes, activation bytes, node count.
+
+    With the profile's weight table (``graph.graph["held"]``, ``["weight_bytes"]``) a weight
+    counts once on each stage whose nodes read it ([Note: weights live with their readers]
+    in `partitioner.profiling.costgraph`); without it each node counts its ``param_bytes``.
+    """
+    held: Mapping[str, Sequence[str]] = graph.graph.get("held") or {}
+    sizes: Mapping[str, int] = graph.graph.get("weight_bytes") or {}
     time, params, acts, count = [0.0] * n, [0] * n, [0] * n, [0] * n
+    weights: list[set[str]] = [set() for _ in range(n)]
     for v, data in graph.nodes(data=True):
         k = assignment[v]
         time[k] += float(data["time"])
-        params[k] += int(data["param_bytes"])
         acts[k] += int(data["act_bytes"])
         count[k] += 1
+        if v in held and sizes:
+            weights[k].update(held[v])
+        else:
+            params[k] += int(data["param_bytes"])
+    for k in range(n):
+        params[k] += sum(int(sizes[w]) for w in weights[k])
     return time, params, acts, count
 
 

@@ -19,6 +19,18 @@ stage's memory is ``sum(param_bytes + act_bytes)`` over its nodes:
 ``out_bytes`` of a ``get_attr`` node (a parameter, buffer or constant) is 0: `split`
 re-creates the attribute in every stage that reads it rather than sending it, so it
 costs memory on each such device, never bandwidth (see [Note: weights do not travel]).
+
+[Note: weights live with their readers]
+A weight's bytes belong to the stages that hold it, and a stage holds every weight its nodes
+read: a module's own parameters, and the tensors of the ``get_attr``s its nodes read (split
+re-creates those there). So a node's ``param_bytes`` are the bytes of the weights it needs,
+and a ``get_attr`` that is read has none of its own (an unused duplicate of a tied weight used
+to carry GPT-2's 154 MB embedding while the stages reading it were charged nothing). A tied weight read on two stages
+counts on both, as the runtime holds a copy on each. ``graph.graph["held"]`` lists each node's
+weights by one name per tensor and ``graph.graph["weight_bytes"]`` their sizes, so `evaluate`
+counts a weight once per stage however many of the stage's nodes read it; the per-node sums
+the planner's memory constraints use are never below that (a stage holding two readers of one
+tied weight is charged twice there: the planner errs on the safe side).
 """
 
 from __future__ import annotations
@@ -219,6 +231,23 @@ def _node_params(gm: fx.GraphModule, n: fx.Node) -> dict[str, torch.Tensor]:
     return {}
 
 
+def _held(
+    gm: fx.GraphModule, n: fx.Node, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The weights ``n``'s stage holds for it: a module's own, or those of the ``get_attr``s
+    it reads (split re-creates a weight in every stage that reads it, so a get_attr with
+    readers holds nothing itself; one that nobody reads stays where it is placed)."""
+    if n.op == "get_attr":
+        return {} if n.users else tensors
+    if n.op == "call_module":
+        return tensors
+    found: dict[str, torch.Tensor] = {}
+    for u in n.all_input_nodes:
+        if u.op == "get_attr":
+            found.update(_node_params(gm, u))
+    return found
+
+
 def _ties(gm: fx.GraphModule) -> list[list[str]]:
     groups: dict[int, list[str]] = {}
     named: list[tuple[str, torch.Tensor]] = [*gm.named_parameters(remove_duplicate=False)]
@@ -258,7 +287,9 @@ def _cost_graph(
     chunks: int,
 ) -> nx.DiGraph:
     graph = nx.DiGraph()
-    counted: set[int] = set()
+    canonical: dict[int, str] = {}  # a tensor's one name (the first one seen)
+    held: dict[str, list[str]] = {}  # node -> the weights its stage must hold for it
+    sizes: dict[str, int] = {}  # weight -> bytes
     params: dict[str, list[str]] = {}
     outputs: list[str] = []
     for order, n in enumerate(gm.graph.nodes):
@@ -268,11 +299,13 @@ def _cost_graph(
         tensors = _node_params(gm, n)
         if tensors:
             params[n.name] = list(tensors)
-        param_bytes = 0
-        for t in tensors.values():
-            if id(t) not in counted:
-                counted.add(id(t))
-                param_bytes += nbytes(t)
+        # [Note: weights live with their readers]
+        mine = _held(gm, n, tensors)
+        if mine:
+            held[n.name] = sorted({canonical.setdefault(id(t), name) for name, t in mine.items()})
+            for t in mine.values():
+                sizes.setdefault(canonical[id(t)], nbytes(t))
+        param_bytes = sum(sizes[c] for c in held.get(n.name, ()))
         # [Note: weights do not travel] split re-creates a get_attr in every stage that
         # reads it, so a weight is placed once per device, never streamed per micro-batch:
         # its bytes are param_bytes, and its out_bytes (what a stage would receive) are 0.
@@ -297,5 +330,7 @@ def _cost_graph(
         )
         for u in n.all_input_nodes:
             graph.add_edge(u.name, n.name)
-    graph.graph.update(outputs=outputs, params=params, ties=_ties(gm))
+    graph.graph.update(
+        outputs=outputs, params=params, ties=_ties(gm), held=held, weight_bytes=sizes
+    )
     return graph
