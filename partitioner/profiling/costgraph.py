@@ -28,9 +28,10 @@ and a ``get_attr`` that is read has none of its own (an unused duplicate of a ti
 to carry GPT-2's 154 MB embedding while the stages reading it were charged nothing). A tied
 weight read on two stages counts on both, as the runtime holds a copy on each.
 ``graph.graph["held"]`` lists each node's weights by one name per tensor and
-``graph.graph["weight_bytes"]`` their sizes, so `evaluate` counts a weight once per stage however many of the stage's nodes read it; the per-node sums
-the planner's memory constraints use are never below that (a stage holding two readers of one
-tied weight is charged twice there: the planner errs on the safe side).
+``graph.graph["weight_bytes"]`` their sizes, so `evaluate` counts a weight once per stage
+however many of the stage's nodes read it; the per-node sums the planner's memory constraints
+use are never below that (a stage holding two readers of one tied weight is charged twice
+there: the planner errs on the safe side).
 """
 
 from __future__ import annotations
