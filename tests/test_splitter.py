@@ -334,3 +334,18 @@ def test_a_drill_still_fires_after_a_mode_switch() -> None:
         splitter(x)
     assert splitter.failed_devices == [lost]
     assert len(splitter.recoveries) == 1
+
+
+def test_a_plan_that_left_a_device_unused_runs_on_the_list_it_was_made_from() -> None:
+    model, x = MyModel(), torch.randn(8, 64)
+    devices = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+    plan = auto_partition(model, (x,), devices=["cpu:1", "cpu:3"])  # as if two were left
+    assert plan.num_stages == 2
+    splitter = ModelSplitter.from_plan(model, plan, devices=devices)  # the four offered
+    torch.testing.assert_close(splitter(x), model(x))
+    assert splitter.devices == ["cpu:1", "cpu:3"]  # kept by name
+    other = ModelSplitter.from_plan(model, plan, devices=["cpu:5", "cpu:6", "cpu:7"])
+    torch.testing.assert_close(other(x), model(x))
+    assert other.devices == ["cpu:5", "cpu:6"]  # names not offered: the first ones
+    with pytest.raises(PlanError, match="2 stages but 1 devices"):
+        ModelSplitter.from_plan(model, plan, devices=devices[:1])

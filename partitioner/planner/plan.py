@@ -96,7 +96,17 @@ class Plan:
         return len(self.stages)
 
     def on_devices(self, devices: Sequence[DeviceSpec]) -> Plan:
-        """The same assignment with stage j on ``devices[j]`` (figures kept as planned)."""
+        """The same assignment with stage j on ``devices[j]`` (figures kept as planned).
+
+        More devices than stages is the list the plan was made from, where the planner left
+        some unused: stages keep their devices by name when every one is offered, else take
+        the first ``num_stages``.
+        """
+        if len(devices) > self.num_stages:
+            by_name = {d.name: d for d in devices}
+            named = [by_name.get(name) for name in self.devices]
+            kept = [d for d in named if d is not None]
+            devices = kept if len(kept) == self.num_stages else list(devices[: self.num_stages])
         if len(devices) != self.num_stages:
             raise PlanError(
                 f"the plan has {self.num_stages} stages but {len(devices)} devices were given; "
