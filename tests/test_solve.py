@@ -280,3 +280,37 @@ def test_an_isolated_node_keeps_the_proven_plan(solver: str) -> None:
     assert plan.solver == solver
     assert plan.bottleneck == pytest.approx(3.0)
     assert "num_batches_tracked" in plan.assignment
+
+
+_USER_HIGHS_AFTER = """
+import networkx as nx, pulp
+from partitioner import solve
+g = nx.DiGraph()
+for i in range(24):
+    g.add_node(f"n{{i}}", time=1.0 + (i % 5) / 7, param_bytes=0, out_bytes=1000 * (i % 3 + 1),
+               act_bytes=0)
+    if i:
+        g.add_edge(f"n{{i - 1}}", f"n{{i}}")
+plan = solve(g, devices=4, bandwidth=1e5, solver="highs", time_limit=20)
+p = pulp.LpProblem("user", pulp.LpMinimize)
+x = pulp.LpVariable("x", 0, 3, cat="Integer")
+p += x
+p += x >= 1
+p.solve(pulp.HiGHS(msg=False, threads={threads}))
+print(plan.status, pulp.LpStatus[p.status])
+"""
+
+
+@pytest.mark.skipif("highs" not in available_solvers(), reason="needs HiGHS")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_users_highs_run_after_a_solve_keeps_its_threads(threads: int) -> None:
+    # solve runs HiGHS on a worker thread, whose thread scheduler is its own: when it ran
+    # on the caller's thread, a later user run with its own `threads` got "Not Solved".
+    run = subprocess.run(
+        [sys.executable, "-c", _USER_HIGHS_AFTER.format(threads=threads)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1].split() == ["optimal", "Optimal"], run.stdout

@@ -15,7 +15,7 @@ from partitioner.planner.bounds import fine_lower_bound
 from partitioner.planner.cost import DeviceSpec, evaluate
 from partitioner.planner.heuristics import Indexed, split_by_time
 from partitioner.planner.ilp import solve_ilp
-from partitioner.planner.levels import level_of
+from partitioner.planner.levels import FINISH_RESERVE, level_of
 from partitioner.planner.plan import Plan, make_plan
 
 __all__ = ["balanced", "solve_balanced"]
@@ -38,6 +38,14 @@ def balanced(
 
 def _named(g: Indexed, stage: Sequence[int]) -> dict[str, int]:
     return dict(zip(g.names, stage, strict=True))
+
+
+def _no_plan(proven: bool, imbalance: float, time_limit: float) -> str:
+    found = "keeps" if proven else f"was found in time_limit={time_limit} that keeps"
+    return (
+        f"no assignment {found} every stage within imbalance {imbalance} of its share and "
+        "within memory; raise `imbalance` or use objective='throughput'"
+    )
 
 
 def solve_balanced(
@@ -63,7 +71,7 @@ def solve_balanced(
     if not fine:
         fraction = max(0.02, min(0.25, imbalance))
         level = level_of(_coarsen.coarsen(graph, len(specs), fraction=fraction), g)
-    budget = max(0.1, time_limit - (time.perf_counter() - t0))
+    budget = t0 + time_limit - time.perf_counter() - FINISH_RESERVE  # see docs/planner.md
     res = solve_ilp(
         level.inp,
         specs,
@@ -84,10 +92,7 @@ def solve_balanced(
     status = "optimal" if fine and res.proven else "feasible"
     if stage is None:
         if warm is None:
-            raise InfeasiblePlanError(
-                f"no assignment keeps every stage within imbalance {imbalance} of its share "
-                "and within memory; raise `imbalance` or use objective='throughput'"
-            )
+            raise InfeasiblePlanError(_no_plan(res.infeasible, imbalance, time_limit))
         log.warning("solve: the balanced-cut ILP returned no solution; using the time split")
         stage, status = warm, "heuristic"
     return make_plan(

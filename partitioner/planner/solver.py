@@ -16,6 +16,13 @@ Phases (each logged at debug level):
 5. after a coarse ILP, and while time is left, the exactly reduced ILP from the
    best plan: its bound is valid for the fine graph (a coarse one is not).
 
+Time: one budget, ``deadline = start + time_limit``, for all of it. Each phase after
+the first plan takes a share of what is left (the receive floors stop early, a model
+whose building would not fit is not built, HiGHS gets what is left once its model is
+built, minus a margin for its overshoot) and `levels.FINISH_RESERVE` stays for the end,
+so `solve` returns within ``1.1 * time_limit + 0.3`` seconds. A KeyboardInterrupt stops
+HiGHS ([Note: stopping HiGHS] in `partitioner.planner.ilp`) and propagates.
+
 Status: ``"optimal"`` when the returned bottleneck is within ``gap`` of a bound
 valid for the *original* graph; ``"feasible"`` otherwise (time limit, or a
 coarse ILP whose optimum proves nothing about the fine graph); ``"heuristic"``
@@ -34,7 +41,7 @@ import networkx as nx
 
 from partitioner.errors import InfeasiblePlanError
 from partitioner.planner import coarsen as _coarsen
-from partitioner.planner.bounds import fine_lower_bound, receive_floors
+from partitioner.planner.bounds import fine_lower_bound
 from partitioner.planner.cost import (
     DEFAULT_BANDWIDTH,
     Bandwidth,
@@ -48,16 +55,17 @@ from partitioner.planner.heuristics import Indexed, contiguous_split, index_grap
 from partitioner.planner.ilp import available_solvers, solve_ilp
 from partitioner.planner.levels import (
     DP_LIMIT,
+    FINISH_RESERVE,
     Level,
     best_of,
     check_memory,
+    floors_until,
     incumbent,
     level_of,
     memory_message,
     score,
 )
 from partitioner.planner.plan import Plan, make_plan
-from partitioner.planner.windows import stage_windows
 
 __all__ = ["check_memory", "solve"]
 
@@ -69,6 +77,11 @@ FINE_LIMIT = 1500
 PROVE_LIMIT = 20000
 #: share of the remaining time the coarse ILP may use (the rest goes to the proof)
 ILP_SHARE = 0.5
+#: shares of the remaining time the receive floors may use before the first ILP and after
+#: it: the first is generous, as floors cut short lose the comm bound (`floors_until`)
+FLOOR_SHARES = (0.85, 0.3)
+#: seconds of HiGHS below which the proving fine ILP is not started
+PROVE_MIN = 0.5
 
 
 def solve(
@@ -91,10 +104,12 @@ def solve(
     ``objective="throughput"`` minimises the bottleneck stage cost, ties broken by
     fewer bytes; ``"balanced-cut"`` minimises bytes with every stage's compute
     within ``imbalance`` of the even share. ``solver``: ``"highs"``, ``"cbc"`` or
-    None (HiGHS if installed, else CBC). ``time_limit`` bounds the ILP work
-    (seconds); ``gap`` is the relative gap under which a plan counts as proven.
-    More devices than useful give a plan with fewer stages. Raises ValueError for
-    bad input and InfeasiblePlanError when the memory limits cannot be met.
+    None (HiGHS if installed, else CBC). ``time_limit``: seconds for the whole solve,
+    which returns within ``1.1 * time_limit + 0.3`` (docs/planner.md); ``gap`` is the
+    relative gap under which a plan counts as proven. More devices than useful give a
+    plan with fewer stages. Raises ValueError for bad input and InfeasiblePlanError
+    when the memory limits cannot be met; a KeyboardInterrupt (Ctrl-C) during the ILP
+    stops HiGHS and reaches the caller within about half a second.
     """
     t0 = time.perf_counter()
     validate_graph(graph)
@@ -132,33 +147,22 @@ def _throughput(
     t0: float,
     kw: dict[str, Any],
 ) -> Plan:
-    limited = any(s.memory is not None for s in specs)
-    exact = level_of(_coarsen.reduce_exact(graph, limited), g)
-    small = exact.n * len(specs) <= FINE_LIMIT or not coarsen
-    level = exact if small else level_of(_coarse(graph, specs, 0.25), g)
+    deadline = t0 + time_limit  # every phase below ends by it (see docs/planner.md)
+    exact, level, small, best = _levels(graph, g, specs, bw, coarsen)
     meta: dict[str, Any] = {"nodes": g.n, "coarse_nodes": level.n, "ilp": "none"}
-    dp = exact
-    if len(specs) * dp.n**2 > DP_LIMIT and coarsen:
-        dp = level_of(_coarse(graph, specs, 0.1), g)
-        if len(specs) * dp.n**2 > DP_LIMIT:
-            dp = level
-    best = incumbent(dp, g, specs, bw, graph)
-    if level is not dp and len(specs) * level.n**2 <= DP_LIMIT:
-        inp = level.inp  # its DP split is the ILP's fallback start
-        level.dp = contiguous_split(inp.time, inp.mem, inp.tensors, specs, bw)
     upper = score(g, best, specs, bw)[0] if best is not None else None
-    floors = receive_floors(g, specs, upper) if upper is not None else None
+    floors = _floors(g, specs, upper, None, deadline, FLOOR_SHARES[0])
     bound = fine_lower_bound(graph, g, specs, bw, upper, floors)
     if best is not None and _proven(g, best, specs, bw, bound, gap):
         meta["ilp"] = "skipped: the incumbent is within the gap of the lower bound"
         return _finish(graph, g, best, specs, bound, "optimal", solver, t0, meta, kw)
-    left = time_limit - (time.perf_counter() - t0)
+    left = deadline - time.perf_counter()
     res = solve_ilp(  # floors only where the ILP proves: the coarse one searches
         level.with_floors(floors) if floors and small else level.inp,
         specs,
         bw,
         solver=solver,
-        time_limit=left if small else left * ILP_SHARE,
+        time_limit=_first_share(left, small),
         gap=gap,
         start=level.start(best) if best is not None else None,
         upper=upper,
@@ -174,23 +178,64 @@ def _throughput(
     best = best_of(g, [s for s in (best, got) if s is not None], specs, bw, polish=not small)
     if upper is None or score(g, best, specs, bw)[0] < upper:
         upper = score(g, best, specs, bw)[0]
-        if floors is None or time_limit - (time.perf_counter() - t0) > 0.3 * time_limit:
-            floors = receive_floors(g, specs, upper)  # else the old ones: valid, looser
-            bound = max(bound, fine_lower_bound(graph, g, specs, bw, upper, floors))
-    left = 0.85 * (time_limit - (time.perf_counter() - t0)) - 0.3  # HiGHS overshoots a bit
-    if not small and not _proven(g, best, specs, bw, bound, gap) and left > 0.5:
-        lo, hi = stage_windows(exact.inp, specs, upper)
-        if sum(b - a for a, b in zip(lo, hi, strict=True)) <= PROVE_LIMIT:
-            t1 = time.perf_counter()
-            bound, best = _prove(
-                exact, g, specs, bw, solver, left, gap, upper, floors, bound, best
-            )
-            meta["ilp"] += f", fine {time.perf_counter() - t1:.2f}s"
+        floors = _floors(g, specs, upper, floors, deadline, FLOOR_SHARES[1])
+        bound = max(bound, fine_lower_bound(graph, g, specs, bw, upper, floors))
+    if not small and not _proven(g, best, specs, bw, bound, gap):
+        bound, best = _prove(
+            exact, g, specs, bw, solver, deadline, gap, upper, floors, bound, best, meta
+        )
     if res.stage is None:
-        log.warning("solve: the ILP returned no solution; using the best heuristic plan")
+        why = "returned no solution" if res.built else "did not fit in the time left"
+        log.warning("solve: the ILP %s; using the best heuristic plan", why)
         return _finish(graph, g, best, specs, bound, "heuristic", solver, t0, meta, kw)
     status = "optimal" if _proven(g, best, specs, bw, bound, gap) else "feasible"
     return _finish(graph, g, best, specs, bound, status, solver, t0, meta, kw)
+
+
+def _first_share(left: float, small: bool) -> float:
+    """Seconds for the first ILP: all that is left on the exact level, else ILP_SHARE of it
+    while the rest can still run a proof."""
+    if small or left * (1 - ILP_SHARE) < PROVE_MIN:
+        return left - FINISH_RESERVE
+    return left * ILP_SHARE
+
+
+def _levels(
+    graph: nx.DiGraph, g: Indexed, specs: Sequence[DeviceSpec], bw: Bandwidth, coarsen: bool
+) -> tuple[Level, Level, bool, list[int] | None]:
+    """The exact level, the level the first ILP works on, whether it is the exact one
+    (``small``), and the heuristic incumbent (None when no heuristic fits memory)."""
+    limited = any(s.memory is not None for s in specs)
+    exact = level_of(_coarsen.reduce_exact(graph, limited), g)
+    small = exact.n * len(specs) <= FINE_LIMIT or not coarsen
+    level = exact if small else level_of(_coarse(graph, specs, 0.25), g)
+    dp = exact
+    if len(specs) * dp.n**2 > DP_LIMIT and coarsen:
+        dp = level_of(_coarse(graph, specs, 0.1), g)
+        if len(specs) * dp.n**2 > DP_LIMIT:
+            dp = level
+    best = incumbent(dp, g, specs, bw, graph)
+    if level is not dp and len(specs) * level.n**2 <= DP_LIMIT:
+        inp = level.inp  # its DP split is the ILP's fallback start
+        level.dp = contiguous_split(inp.time, inp.mem, inp.tensors, specs, bw)
+    return exact, level, small, best
+
+
+def _floors(
+    g: Indexed,
+    specs: Sequence[DeviceSpec],
+    upper: float | None,
+    old: list[float] | None,
+    deadline: float,
+    share: float,
+) -> list[float] | None:
+    """Receive floors for ``upper`` in at most ``share`` of the time left (None without
+    ``upper``), at least the ``old`` ones: floors for a larger upper stay valid."""
+    if upper is None:
+        return None
+    now = time.perf_counter()
+    floors = floors_until(g, specs, upper, now + share * (deadline - now))
+    return floors if old is None else [max(a, b) for a, b in zip(floors, old, strict=True)]
 
 
 def _prove(
@@ -199,19 +244,24 @@ def _prove(
     specs: Sequence[DeviceSpec],
     bw: Bandwidth,
     solver: str,
-    left: float,
+    deadline: float,
     gap: float,
     upper: float,
     floors: Sequence[float] | None,
     bound: float,
     best: list[int],
+    meta: dict[str, Any],
 ) -> tuple[float, list[int]]:
     """Run the exactly reduced ILP from the best plan: its bound holds for the fine graph.
 
-    Stage windows and receive floors for ``upper`` keep it small. (Asking instead
-    for a plan under ``(1 - gap) * upper`` and proving infeasibility was slower with
-    HiGHS: without an incumbent it prunes less.)
+    Stage windows and receive floors for ``upper`` keep it small; it is not built when
+    it has more than PROVE_LIMIT free binaries or the time left would not give HiGHS
+    PROVE_MIN seconds. (Asking instead for a plan under ``(1 - gap) * upper`` and
+    proving infeasibility was slower with HiGHS: without an incumbent it prunes less.)
     """
+    left = deadline - time.perf_counter() - FINISH_RESERVE
+    if left < PROVE_MIN:
+        return bound, best
     proof = solve_ilp(
         exact.with_floors(floors) if floors else exact.inp,
         specs,
@@ -221,7 +271,10 @@ def _prove(
         gap=gap,
         start=exact.start(best),
         upper=upper,
+        max_binaries=PROVE_LIMIT,
+        min_run=PROVE_MIN,
     )
+    meta["ilp"] += f", fine {proof.seconds:.2f}s" if proof.built else ", fine not built"
     bound = max(bound, proof.bound)
     if proof.stage is not None:
         best = best_of(g, [best, exact.fine(proof.stage)], specs, bw)
