@@ -12,6 +12,9 @@ from torch import nn
 from partitioner import ModelSplitter
 from runtime import Pipeline
 
+# These tests train BatchNorm on purpose: the warning that says so is tested in test_batching.
+pytestmark = pytest.mark.filterwarnings("ignore:.*trains BatchNorm layers")
+
 
 class TwoBranches(nn.Module):
     """Each BatchNorm reads a convolution of the input, so its batch statistics do not

@@ -91,6 +91,8 @@ def check_batch_independence(
         raise _mixed(model, sizes, "the output structure changes with the batch")
     for k, (w, g) in enumerate(zip(want, got, strict=True)):
         problem = _differs(w, g)
+        if problem and isinstance(w, torch.Tensor) and w.dim() == 0:
+            raise _reduced(model, sizes, reducer, f"output leaf {k} {problem}")
         if problem:
             raise _mixed(model, sizes, f"output leaf {k} {problem}")
 
@@ -152,6 +154,19 @@ def _mixed(model: nn.Module, sizes: Sequence[int], problem: str) -> ModelSplitEr
     )
 
 
+def _reduced(
+    model: nn.Module, sizes: Sequence[int], reducer: Any, problem: str
+) -> ModelSplitError:
+    return ModelSplitError(
+        f"{type(model).__name__} returns a value with no batch dimension (a loss?) that "
+        f"reducer={reducer!r} does not rebuild from {len(sizes)} micro-batches of "
+        f"{list(sizes)} rows: {problem}. 'mean' weights micro-batches by rows, which is not "
+        f"the model's own reduction when it is not a mean over rows (a token-level loss "
+        f"with ignored labels, -100); compute the loss outside the model from the gathered "
+        f"outputs, pass a reducer that rebuilds it, or use chunks=1"
+    )
+
+
 def training_batch_norms(model: nn.Module) -> list[str]:
     """Names of the BatchNorm layers that normalise with batch statistics (training mode)."""
     norms = (nn.modules.batchnorm._BatchNorm,)
@@ -161,14 +176,21 @@ def training_batch_norms(model: nn.Module) -> list[str]:
 def warn_training_batch_norms(model: nn.Module, chunks: int, deferred: bool) -> None:
     """BatchNorm in training sees micro-batches (GPipe's semantics): said once, by name."""
     norms = training_batch_norms(model)
-    if not norms or chunks < 2 or deferred:
+    if not norms or chunks < 2:
         return
     shown = ", ".join(norms[:4]) + (f" and {len(norms) - 4} more" if len(norms) > 4 else "")
+    stats = (
+        "deferred_batch_norm=True updates the running statistics once per call, but only "
+        "the first layer's come out as the unsplit model's"
+        if deferred
+        else "the running statistics update once per micro-batch (deferred_batch_norm=True "
+        "updates them once per call)"
+    )
     warnings.warn(
         f"{type(model).__name__} trains BatchNorm layers ({shown}): each micro-batch is "
-        f"normalised with its own statistics (GPipe's semantics), so outputs differ from the "
-        f"unsplit model's and the running statistics update once per micro-batch; "
-        f"deferred_batch_norm=True updates them once per call as the unsplit model does",
+        f"normalised with its own statistics (GPipe's semantics), so outputs and gradients "
+        f"differ from the unsplit model's; {stats}; put the model in eval mode or use chunks=1 "
+        f"for the unsplit results",
         UserWarning,
         stacklevel=2,
     )
