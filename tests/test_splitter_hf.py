@@ -112,4 +112,3 @@ def test_a_mean_over_labels_with_ignored_positions_says_it_is_not_the_unsplit_lo
         warnings.simplefilter("error")
         splitter(input_ids=x, labels=labels)  # said once
         splitter(input_ids=x, labels=x)  # nothing ignored: the row-weighted mean is exact
-
