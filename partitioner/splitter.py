@@ -23,6 +23,7 @@ from partitioner.autoplan import (
 )
 from partitioner.capture.batching import warn_ignored_labels, warn_training_batch_norms
 from partitioner.capture.binding import describe_signature
+from partitioner.capture.checks import GRADS_OFF_KEY, guard_backward
 from partitioner.devices import (
     MemoryLike,
     check_available,
@@ -234,6 +235,9 @@ class ModelSplitter(nn.Module):
             source.refresh(self.model)
         pipeline = compiled.pipeline
         output = pipeline(*args, **kwargs)
+        off = compiled.gm.meta.get(GRADS_OFF_KEY) if compiled.gm is not None else None
+        if off and torch.is_grad_enabled():
+            output = guard_backward(output, off)
         if self.on_failure == "replan":
             record = last_recovery(pipeline)
             if record is not None:

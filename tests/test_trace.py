@@ -312,3 +312,24 @@ def test_fx_control_flow_error_names_the_submodule_to_keep_whole() -> None:
         trace(model, (x,), mode="fx")
     gm = trace(model, (x,), mode="fx", leaf_modules=["block.1"])  # the advice works
     torch.testing.assert_close(run_program(gm, (x,), {}), model(x))
+
+
+def test_eval_mode_fx_graph_without_the_no_grad_block_refuses_backward() -> None:
+    # Eval mode is planned for inference, where the fx graph is right; but eval mode is also
+    # how many fine-tune (no dropout): gradients through that graph would be silently wrong.
+    from partitioner import ModelSplitter
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    model = _NoGradInside().eval()
+    gm = trace(model, (x,))  # auto: export keeps the block, and is taken
+    assert gm.meta["modelsplit_mode"] == "export"
+    fx_only = trace(model, (x,), mode="fx")  # fx alone: kept for inference, marked
+    assert "a backward through it raises" in fx_only.meta["modelsplit_gradients_off"]
+    splitter = ModelSplitter(model, devices=["cpu:0", "cpu:1"], trace_mode="fx")
+    out = splitter(x)
+    torch.testing.assert_close(out, model(x))  # inference is right
+    with pytest.raises(TraceError, match="fx graph is kept for inference only"):
+        out.pow(2).mean().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(splitter(x), model(x))

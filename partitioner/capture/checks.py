@@ -239,3 +239,79 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
+
+
+#: attributes every GraphModule has beyond nn.Module's: a model's own submodule, parameter or
+#: buffer of one of these names cannot live in a traced graph under that name
+_GRAPH_MODULE_NAMES = frozenset(
+    name
+    for name in (*dir(fx.GraphModule), "meta", "graph", "code", "_graph", "_code")
+    if not hasattr(nn.Module, name)
+)
+
+
+def check_names(model: nn.Module) -> None:
+    """Both fx and export fail on a top-level name such as ``meta`` or ``graph`` with a
+    message about a nonexistent attribute: say what it is instead."""
+    own = [*model._modules, *model._parameters, *model._buffers]
+    clash = sorted(n for n in own if n in _GRAPH_MODULE_NAMES)
+    if clash:
+        names = ", ".join(repr(n) for n in clash)
+        raise TraceError(
+            f"{type(model).__name__} names its own submodules or tensors {names}, which every "
+            f"torch.fx.GraphModule uses for itself, so no traced graph can hold them: rename "
+            f"them in the model (e.g. {clash[0]!r} -> {clash[0] + '_'!r}; checkpoint keys "
+            f"change with the names)"
+        )
+
+
+#: eval-mode models with more parameter bytes skip the gradient check
+GRAD_CHECK_BYTES = 1 << 30
+
+#: gm.meta key: why backward through this graph would give the wrong gradients (eval mode)
+GRADS_OFF_KEY = "modelsplit_gradients_off"
+
+
+def gradients_off(
+    model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs
+) -> fx.GraphModule | None:
+    """Training: gradients that differ are a failure of fx (export is tried). Eval mode is
+    planned for inference, where the graph is right, but gradients through it would be
+    silently wrong: return the graph, marked, for use if export fails too."""
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > GRAD_CHECK_BYTES
+    if big and not model.training:
+        return None  # its gradients would double its memory: planned for inference
+    try:
+        check_gradients(model, gm, args, kwargs)
+    except TypeError as exc:
+        if model.training:
+            raise
+        gm.meta[GRADS_OFF_KEY] = (
+            f"{first_line(exc)}; the fx graph is kept for inference only: a backward through "
+            f"it raises (put the model in training mode, or trace with mode='export')"
+        )
+        return gm
+    return None
+
+
+class _GradientsOff(torch.autograd.Function):
+    """Identity forward; its backward raises: see `guard_backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, reason: str, t: torch.Tensor) -> torch.Tensor:
+        ctx.reason = reason
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        raise TraceError(ctx.reason)
+
+
+def guard_backward(output: Any, reason: str) -> Any:
+    """``output`` whose backward raises ``TraceError(reason)``: a graph right for inference
+    but not for gradients (an fx graph without the model's no_grad blocks) says so."""
+
+    def guard(t: torch.Tensor) -> torch.Tensor:
+        return _GradientsOff.apply(reason, t) if t.requires_grad else t
+
+    return pytree.tree_map_only(torch.Tensor, guard, output)

@@ -45,11 +45,13 @@ from partitioner.capture.binding import (
     program_of,
 )
 from partitioner.capture.checks import (
+    GRADS_OFF_KEY,
     ModelFailed,
     batch_size,
-    check_gradients,
+    check_names,
     check_outputs,
     first_line,
+    gradients_off,
     sync_state_dict,
 )
 from partitioner.capture.inplace import functionalize_inplace
@@ -92,17 +94,21 @@ def trace(
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
     args: Args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs: Kwargs = dict(example_kwargs or {})
-    _check_names(model)
+    check_names(model)
     modes = ("fx", "export") if mode == "auto" else (mode,)
     causes: list[tuple[str, BaseException]] = []
+    fallback: fx.GraphModule | None = None  # an eval-mode fx graph whose gradients are off
     for name in modes:
         try:
             gm = _TRACERS[name](model, args, kwargs, leaf_modules)
             _drop_unused_items(gm)
             sync_state_dict(model, gm)
             check_outputs(model, gm, args, kwargs)
-            if name == "fx" and model.training:  # fx drops contexts such as no_grad()
-                check_gradients(model, gm, args, kwargs)
+            if name == "fx":  # fx drops contexts such as no_grad()
+                fallback = gradients_off(model, gm, args, kwargs)
+                if fallback is not None:
+                    causes.append((name, ValueError(gm.meta[GRADS_OFF_KEY])))
+                    continue
         except ModelFailed as exc:  # no way of tracing helps a model that cannot run
             raise InputError(
                 f"{type(model).__name__} fails on the inputs {describe_call(args, kwargs)}: "
@@ -120,33 +126,15 @@ def trace(
             "traced %s with %s: %d nodes", type(model).__name__, name, len(gm.graph.nodes)
         )
         return gm
+    if fallback is not None:  # right for inference; a backward through it raises
+        logger.warning("%s: %s", type(model).__name__, fallback.meta[GRADS_OFF_KEY])
+        gm = fallback
+        gm.meta.update({SIGNATURE_KEY: input_signature(args, kwargs), "modelsplit_mode": "fx"})
+        gm.meta.update(modelsplit_model=type(model).__name__, modelsplit_training=False)
+        return gm
     lines = [f"could not trace {type(model).__name__}:"]
     lines += [f"  {name}: {type(exc).__name__}: {first_line(exc)}" for name, exc in causes]
     raise TraceError("\n".join([*lines, REMEDY])) from causes[-1][1]
-
-
-#: attributes every GraphModule has beyond nn.Module's: a model's own submodule, parameter or
-#: buffer of one of these names cannot live in a traced graph under that name
-_GRAPH_MODULE_NAMES = frozenset(
-    name
-    for name in (*dir(fx.GraphModule), "meta", "graph", "code", "_graph", "_code")
-    if not hasattr(nn.Module, name)
-)
-
-
-def _check_names(model: nn.Module) -> None:
-    """Both fx and export fail on a top-level name such as ``meta`` or ``graph`` with a
-    message about a nonexistent attribute: say what it is instead."""
-    own = [*model._modules, *model._parameters, *model._buffers]
-    clash = sorted(n for n in own if n in _GRAPH_MODULE_NAMES)
-    if clash:
-        names = ", ".join(repr(n) for n in clash)
-        raise TraceError(
-            f"{type(model).__name__} names its own submodules or tensors {names}, which every "
-            f"torch.fx.GraphModule uses for itself, so no traced graph can hold them: rename "
-            f"them in the model (e.g. {clash[0]!r} -> {clash[0] + '_'!r}; checkpoint keys "
-            f"change with the names)"
-        )
 
 
 def _drop_unused_items(gm: fx.GraphModule) -> None:
