@@ -143,3 +143,32 @@ def test_a_loss_the_reducer_cannot_rebuild_is_refused_with_the_reason() -> None:
             example_kwargs={"labels": labels},
         )
     check_batch_independence(TokenMean(), (x,), {"labels": torch.zeros_like(labels)}, 4, "mean")
+
+
+class OneRowGrads(nn.Module):
+    """Outputs independent of the batch, gradients not: a custom backward that scales by
+    the rows it sees (as timm's XCiT and LeViT do, through some op, on one-row batches)."""
+
+    class _Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+            ctx.rows = x.shape[0]  # type: ignore[attr-defined]
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+            return grad * (2.0 if ctx.rows == 1 else 1.0)  # type: ignore[attr-defined]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._Scale.apply(self.lin(x))
+
+
+def test_gradients_that_depend_on_the_cut_are_refused() -> None:
+    x = torch.randn(4, 16)
+    with pytest.raises(ModelSplitError, match=r"gradients depend on how the batch is cut.*lin"):
+        check_batch_independence(OneRowGrads(), (x,), {}, 4)
+    check_batch_independence(OneRowGrads(), (x,), {}, 2)  # two-row micro-batches are fine

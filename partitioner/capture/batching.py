@@ -9,8 +9,11 @@ becomes (B, B/m). So before planning, the model runs once on the whole example b
 once as the pipeline would run it (`runtime.microbatch.scatter`, then `gather`), in eval
 mode with the random stream forked (dropout off, BatchNorm on its running statistics, the
 model's state put back), and a difference is a `ModelSplitError` naming the output and the
-fixes. BatchNorm in training normalises each micro-batch with its own statistics: that is
-GPipe's documented semantics, so it is a warning naming the layers, not an error.
+fixes. The parameter gradients of a loss over the batched outputs are compared the same way
+(models up to 1 GiB of parameters): timm's XCiT and LeViT give other gradients on one-row
+micro-batches, run unsplit too, with outputs that agree. BatchNorm in training normalises
+each micro-batch with its own statistics: that is GPipe's documented semantics, so it is a
+warning naming the layers, not an error.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from partitioner.capture.checks import batch_size, preserved_state
+from partitioner.capture.checks import GRAD_CHECK_BYTES, batch_size, preserved_state
 from partitioner.errors import ModelSplitError
 from runtime.microbatch import Reducer, gather, scatter
 
@@ -95,6 +98,45 @@ def check_batch_independence(
             raise _reduced(model, sizes, reducer, f"output leaf {k} {problem}")
         if problem:
             raise _mixed(model, sizes, f"output leaf {k} {problem}")
+    _check_gradients(model, call, pieces, sizes)
+
+
+def _floating(out: Any) -> list[torch.Tensor]:
+    leaves = pytree.tree_leaves(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _check_gradients(model: nn.Module, call: Any, pieces: list[Any], sizes: Sequence[int]) -> None:
+    """The outputs agree; the parameter gradients must too (a model can break that alone:
+    timm's LeViT and XCiT give other gradients on one-row micro-batches, run unsplit too)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or sum(p.numel() * p.element_size() for p in params) > GRAD_CHECK_BYTES:
+        return
+
+    def loss(out: Any) -> torch.Tensor | None:  # batched floating outputs only
+        leaves = [t.float().pow(2).mean() for t in _floating(out) if t.dim() > 0]
+        return torch.stack(leaves).sum() if leaves else None
+
+    with torch.enable_grad(), preserved_state(model), _evaluating(model):
+        whole = loss(model(*call[0], **call[1]))
+        split = loss(gather([model(*a, **k) for a, k in pieces], sizes, _skip))
+        if whole is None or split is None:
+            return
+        want = torch.autograd.grad(whole, params, allow_unused=True)
+        got = torch.autograd.grad(split, params, allow_unused=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, p, w, g in zip(names, params, want, got, strict=True):
+        if w is None and g is None:
+            continue
+        zero = torch.zeros_like(p)
+        problem = _differs(zero if w is None else w, zero if g is None else g)
+        if problem:
+            raise ModelSplitError(
+                f"{type(model).__name__}'s gradients depend on how the batch is cut: run as "
+                f"{len(sizes)} micro-batches of {list(sizes)} rows its outputs agree with the "
+                f"whole batch's, but the gradient of {name!r} {problem}; use bigger "
+                f"micro-batches (fewer chunks) or chunks=1"
+            )
 
 
 def _warn_counters(model: nn.Module, before: dict[str, torch.Tensor], chunks: int) -> None:
