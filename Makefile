@@ -47,3 +47,28 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The model zoo (benchmarks/zoo.py, docs/zoo.md) in a venv of its own: PyPI's torchvision does
+# not import beside the CPU torch 2.13.0 of .venv, so .venv-zoo takes torch 2.14.1 with
+# torchvision 0.29.1 (a CUDA build that runs on the CPU; pip takes both from this machine's
+# disk), then timm and transformers, then modelsplit itself without letting pip touch torch.
+# `make zoo ZOO_ARGS=--quick` runs the CI-sized subset.
+ZOO_VENV ?= .venv-zoo
+
+.PHONY: zoo
+$(ZOO_VENV)/.zoo-ready:
+	@echo "zoo: creating $(ZOO_VENV) with $(PY)"
+	@$(PY) -m venv $(ZOO_VENV)
+	@$(ZOO_VENV)/bin/pip install -q --upgrade pip
+	@echo "zoo: installing torch==2.14.1 torchvision==0.29.1 (torchvision's models; PyPI's torchvision does not import beside torch 2.13.0)"
+	@$(ZOO_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	@echo "zoo: installing timm==1.0.31 transformers==5.25.0 (the timm and Hugging Face architectures, built from configs)"
+	@$(ZOO_VENV)/bin/pip install -q timm==1.0.31 transformers==5.25.0
+	@echo "zoo: installing modelsplit (editable, --no-deps, so pip keeps torch 2.14.1) and its other dependencies"
+	@$(ZOO_VENV)/bin/pip install -q --no-deps -e .
+	@$(ZOO_VENV)/bin/pip install -q $$($(ZOO_VENV)/bin/python -c "import tomllib; print(' '.join(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if not d.startswith('torch')))")
+	@$(ZOO_VENV)/bin/python -c "import torch, torchvision, timm, transformers; print('zoo: torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
+	@touch $@
+
+zoo: $(ZOO_VENV)/.zoo-ready
+	nice -n 10 $(ZOO_VENV)/bin/python benchmarks/zoo.py $(ZOO_ARGS)
