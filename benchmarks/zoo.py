@@ -620,6 +620,11 @@ def main() -> None:
     parser.add_argument("--json", default="/tmp/zoo.json", help="where the results go")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per model")
     parser.add_argument("--list", action="store_true", help="list the entries and exit")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a row is silently wrong (MISMATCH), crashed, or failed unclearly (CI)",
+    )
     parser.add_argument("--markdown", metavar="JSON", help="print a JSON's results as markdown")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -688,6 +693,14 @@ def main() -> None:
         ", ".join(f"{k} {v}" for k, v in sorted(totals(results).items())),
         f"({meta['seconds']:.0f} s); JSON: {opts.json}",
     )
+    bad = [r["name"] for r in results if r["status"] in STRICT_FAILURES]
+    if opts.strict and bad:
+        print(f"zoo --strict: {len(bad)} row(s) failed: {', '.join(bad)}", file=sys.stderr)
+        sys.exit(1)
+
+
+#: what --strict refuses: a wrong number without an error, a crash, an error not raised on purpose
+STRICT_FAILURES = ("MISMATCH", "crash", "unclear", "zoo-bug")
 
 
 def git(*args: str) -> str:
