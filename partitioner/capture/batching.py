@@ -28,7 +28,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from partitioner.capture.checks import GRAD_CHECK_BYTES, batch_size, preserved_state
+from partitioner.capture.checks import (
+    GRAD_CHECK_BYTES,
+    batch_size,
+    preserved_state,
+    square_loss,
+)
 from partitioner.errors import ModelSplitError
 from runtime.microbatch import Reducer, gather, scatter
 
@@ -79,16 +84,41 @@ def check_batch_independence(
     if chunks < 2 or batch is None or batch < 2 or _on_meta(model, call):
         return
     pieces, sizes = scatter(call, chunks)
-    with torch.no_grad(), preserved_state(model), _evaluating(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = bool(params) and sum(p.numel() * p.element_size() for p in params) <= GRAD_CHECK_BYTES
+    with preserved_state(model), _evaluating(model):
+        try:  # one set of runs serves the outputs and, when checked, the gradients
+            whole, parts = _runs(model, call, pieces, sizes, grads)
+        except RuntimeError:  # no backward to compare (the model's own limits)
+            grads = False
+            whole, parts = _runs(model, call, pieces, sizes, grads)
+        _check_outputs(model, whole, parts, sizes, reducer)
+        if grads:
+            _check_gradients(model, params, whole, parts, sizes)
+
+
+def _runs(
+    model: nn.Module, call: Any, pieces: list[Any], sizes: Sequence[int], grads: bool
+) -> tuple[Any, list[Any]]:
+    """The model on the whole batch, then on each micro-batch (with autograd if ``grads``)."""
+    with torch.enable_grad() if grads else torch.no_grad():
         before = {n: b.clone() for n, b in model.named_buffers()}
         whole = model(*call[0], **call[1])
         _warn_counters(model, before, len(sizes))
-        parts = [model(*a, **k) for a, k in pieces]
+        return whole, [model(*a, **k) for a, k in pieces]
+
+
+def _check_outputs(
+    model: nn.Module, whole: Any, parts: list[Any], sizes: Sequence[int], reducer: Any
+) -> None:
+    def detached(out: Any) -> Any:
+        return pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, out)
+
     try:
-        split = gather(parts, sizes, reducer if reducer is not None else _skip)
+        split = gather(detached(parts), sizes, reducer if reducer is not None else _skip)
     except ValueError as exc:
         raise _mixed(model, sizes, f"its micro-batches do not gather: {exc}") from exc
-    want, spec = pytree.tree_flatten(whole)
+    want, spec = pytree.tree_flatten(detached(whole))
     got, got_spec = pytree.tree_flatten(split)
     if spec != got_spec:
         raise _mixed(model, sizes, "the output structure changes with the batch")
@@ -98,38 +128,29 @@ def check_batch_independence(
             raise _reduced(model, sizes, reducer, f"output leaf {k} {problem}")
         if problem:
             raise _mixed(model, sizes, f"output leaf {k} {problem}")
-    _check_gradients(model, call, pieces, sizes)
 
 
-def _floating(out: Any) -> list[torch.Tensor]:
-    leaves = pytree.tree_leaves(out)
-    return [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
-def _check_gradients(model: nn.Module, call: Any, pieces: list[Any], sizes: Sequence[int]) -> None:
+def _check_gradients(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    whole: Any,
+    parts: list[Any],
+    sizes: Sequence[int],
+) -> None:
     """The outputs agree; the parameter gradients must too (a model can break that alone:
     timm's LeViT and XCiT give other gradients on one-row micro-batches, run unsplit too)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params or sum(p.numel() * p.element_size() for p in params) > GRAD_CHECK_BYTES:
+    full = square_loss(whole, batched_only=True)
+    split = square_loss(gather(parts, sizes, _skip), batched_only=True)
+    if full is None or split is None:
         return
-
-    def loss(out: Any) -> torch.Tensor | None:  # batched floating outputs only
-        leaves = [t.float().pow(2).mean() for t in _floating(out) if t.dim() > 0]
-        return torch.stack(leaves).sum() if leaves else None
-
-    with torch.enable_grad(), preserved_state(model), _evaluating(model):
-        try:
-            whole = loss(model(*call[0], **call[1]))
-            split = loss(gather([model(*a, **k) for a, k in pieces], sizes, _skip))
-            if whole is None or split is None:
-                return
-            # retain: a model may cache a tensor with its graph across calls (timm's LeViT
-            # keeps its attention biases in eval mode), which the second grad reads again
-            want = torch.autograd.grad(whole, params, allow_unused=True, retain_graph=True)
-            got = torch.autograd.grad(split, params, allow_unused=True)
-        except RuntimeError as exc:  # no backward to compare (the model's own limits)
-            log.debug("batch independence: gradients not compared (%s)", exc)
-            return
+    try:
+        # retain: a model may cache a tensor with its graph across calls (timm's LeViT
+        # keeps its attention biases in eval mode), which the second grad reads again
+        want = torch.autograd.grad(full, params, allow_unused=True, retain_graph=True)
+        got = torch.autograd.grad(split, params, allow_unused=True)
+    except RuntimeError as exc:  # no backward to compare (the model's own limits)
+        log.debug("batch independence: gradients not compared (%s)", exc)
+        return
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, p, w, g in zip(names, params, want, got, strict=True):
         if w is None and g is None:
@@ -161,7 +182,7 @@ def _warn_counters(model: nn.Module, before: dict[str, torch.Tensor], chunks: in
             f"once per micro-batch, so they will not match the unsplit model's; keep such "
             f"state outside the model, or use chunks=1",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 

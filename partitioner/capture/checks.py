@@ -223,16 +223,22 @@ def _grads(
     (None when no output needs a gradient), leaving the model's state as it was."""
     with torch.enable_grad(), preserved_state(model):
         torch.manual_seed(0)
-        out = run(*call)
-        leaves = [
-            leaf
-            for leaf in pytree.tree_leaves(out)
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad
-        ]
-        if not leaves:
-            return None
-        loss = torch.stack([leaf.float().pow(2).mean() for leaf in leaves]).sum()
-        return torch.autograd.grad(loss, params, allow_unused=True)
+        loss = square_loss(run(*call))
+        return None if loss is None else torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def square_loss(out: Any, batched_only: bool = False) -> torch.Tensor | None:
+    """sum(mean(leaf ** 2)) over the floating output leaves that need a gradient (with
+    ``batched_only``, those with a batch dimension); None when there are none."""
+    leaves = [
+        leaf
+        for leaf in pytree.tree_leaves(out)
+        if isinstance(leaf, torch.Tensor)
+        and leaf.is_floating_point()
+        and leaf.requires_grad
+        and (leaf.dim() > 0 or not batched_only)
+    ]
+    return torch.stack([leaf.float().pow(2).mean() for leaf in leaves]).sum() if leaves else None
 
 
 def first_line(exc: BaseException) -> str:
