@@ -10,7 +10,14 @@ import torch
 
 from partitioner.planner.cost import DeviceSpec, parse_bytes
 
-__all__ = ["MemoryLike", "check_available", "every_gpu", "resolve_devices", "torch_device"]
+__all__ = [
+    "MemoryLike",
+    "check_available",
+    "every_gpu",
+    "missing_gpu",
+    "resolve_devices",
+    "torch_device",
+]
 
 MemoryLike = int | str | Sequence[int | str | None] | None
 
@@ -92,18 +99,27 @@ def torch_device(name: str) -> torch.device:
     return torch.device("cpu") if dev.type == "cpu" else dev
 
 
+def missing_gpu(names: Sequence[str]) -> tuple[str, int] | None:
+    """The first of ``names`` that is a GPU this machine lacks, with the GPU count; None if
+    every device is here (the planner's ``dev:k`` names run as CPU workers)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for name in names:
+        dev = torch_device(name)
+        if dev.type == "cuda" and (dev.index or 0) >= gpus:
+            return name, gpus
+    return None
+
+
 def check_available(names: Sequence[str]) -> None:
     """Fail before any work, naming the fix, when a device to run on does not exist here.
 
     Planning for absent GPUs is fine (`auto_partition`, ``modelsplit plan``); running on
     them is not: without this check torch fails deep inside, with an AssertionError.
     """
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    cpus = ", ".join(repr(f"cpu:{k}") for k in range(len(names)))
-    for name in names:
-        dev = torch_device(name)
-        if dev.type != "cuda" or (dev.index or 0) < gpus:
-            continue
+    found = missing_gpu(names)
+    if found is not None:
+        name, gpus = found
+        cpus = ", ".join(repr(f"cpu:{k}") for k in range(len(names)))
         if torch.version.cuda is None:
             why = f"this torch ({torch.__version__}) is a CPU build"
             fix = "or install a CUDA build of torch on a machine with GPUs"

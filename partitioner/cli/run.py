@@ -77,19 +77,16 @@ def _close(output: Any, reference: Any, rtol: float, atol: float) -> bool:
 
 def check_devices(names: list[str]) -> None:
     """Fail early, with the fix, when a device the plan names does not exist here."""
-    import torch
+    from partitioner.devices import missing_gpu
 
-    from partitioner.devices import torch_device
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for name in names:
-        dev = torch_device(name)  # the planner's dev:k names run as CPU workers
-        if dev.type == "cuda" and (dev.index or 0) >= gpus:
-            cpus = ",".join(f"cpu:{k}" for k in range(len(names)))
-            raise PlanError(
-                f"the plan runs a stage on {name} but this machine has {gpus} GPU(s); "
-                f"run it on CPU workers with --devices {cpus}"
-            )
+    found = missing_gpu(names)
+    if found is not None:
+        name, gpus = found
+        cpus = ",".join(f"cpu:{k}" for k in range(len(names)))
+        raise PlanError(
+            f"the plan runs a stage on {name} but this machine has {gpus} GPU(s); "
+            f"run it on CPU workers with --devices {cpus}"
+        )
 
 
 def _check_plan_fits(plan: Plan, setup: Setup) -> None:
