@@ -118,23 +118,25 @@ def trace(
             logger.debug("trace %s: %s failed", type(model).__name__, name, exc_info=True)
             causes.append((name, exc))
             continue
-        gm.meta[SIGNATURE_KEY] = input_signature(args, kwargs)
-        gm.meta["modelsplit_model"] = type(model).__name__
-        gm.meta["modelsplit_training"] = model.training
-        gm.meta["modelsplit_mode"] = name
-        logger.debug(
-            "traced %s with %s: %d nodes", type(model).__name__, name, len(gm.graph.nodes)
-        )
-        return gm
+        return _traced(gm, model, name, args, kwargs)
     if fallback is not None:  # right for inference; a backward through it raises
         logger.warning("%s: %s", type(model).__name__, fallback.meta[GRADS_OFF_KEY])
-        gm = fallback
-        gm.meta.update({SIGNATURE_KEY: input_signature(args, kwargs), "modelsplit_mode": "fx"})
-        gm.meta.update(modelsplit_model=type(model).__name__, modelsplit_training=False)
-        return gm
+        return _traced(fallback, model, "fx", args, kwargs)
     lines = [f"could not trace {type(model).__name__}:"]
     lines += [f"  {name}: {type(exc).__name__}: {first_line(exc)}" for name, exc in causes]
     raise TraceError("\n".join([*lines, REMEDY])) from causes[-1][1]
+
+
+def _traced(
+    gm: fx.GraphModule, model: nn.Module, mode: str, args: Args, kwargs: Kwargs
+) -> fx.GraphModule:
+    """``gm`` with what it was traced from: the call's signature, the model, mode and tracer."""
+    gm.meta[SIGNATURE_KEY] = input_signature(args, kwargs)
+    gm.meta["modelsplit_model"] = type(model).__name__
+    gm.meta["modelsplit_training"] = model.training
+    gm.meta["modelsplit_mode"] = mode
+    logger.debug("traced %s with %s: %d nodes", type(model).__name__, mode, len(gm.graph.nodes))
+    return gm
 
 
 def _drop_unused_items(gm: fx.GraphModule) -> None:
