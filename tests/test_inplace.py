@@ -18,6 +18,7 @@ from partitioner.splitting.compose import run_stages
 from partitioner.splitting.cut import split
 from runtime import Pipeline
 from runtime.mutation import mutated_inputs
+from tests.test_inplace_cuts import SideReader  # the relu_ through an Identity
 from tests.test_split import COMPUTE, plan_for
 
 
@@ -232,19 +233,6 @@ class _WritesThroughSlice(nn.Module):
         return self.b(h)
 
 
-class _ReluThroughIdentity(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.side, self.main = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
-        self.identity = nn.Identity()
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.a(x)
-        z = self.side(h)
-        return self.main(self.act(self.identity(h))) + z
-
-
 def test_export_graphs_get_their_mutations_as_data_flow() -> None:
     torch.manual_seed(0)
     model = _WritesThroughSlice()
@@ -260,7 +248,7 @@ def test_export_graphs_get_their_mutations_as_data_flow() -> None:
 
 
 def test_fx_reads_through_identity_and_clones_for_the_earlier_reader() -> None:
-    gm = torch.fx.symbolic_trace(_ReluThroughIdentity())
+    gm = torch.fx.symbolic_trace(SideReader())
     assert len(mutation_hazards(gm)) == 1  # side reads h, which relu_ changes through identity
     assert functionalize_inplace(gm) == 1
     act = next(n for n in gm.graph.nodes if n.target == "act")
@@ -271,7 +259,7 @@ def test_fx_reads_through_identity_and_clones_for_the_earlier_reader() -> None:
 
 def test_split_refuses_a_graph_whose_mutation_crosses_stages() -> None:
     # A graph partitioner.trace did not make: only the node order says side reads h first.
-    gm = torch.fx.symbolic_trace(_ReluThroughIdentity())
+    gm = torch.fx.symbolic_trace(SideReader())
     names = [n.name for n in gm.graph.nodes if n.op in COMPUTE]
     assert names == ["a", "side", "identity", "act", "main", "add"]
     crossing = dict(zip(names, [0, 1, 0, 0, 0, 1], strict=True))

@@ -33,25 +33,12 @@ def brute_force(
     graph: nx.DiGraph, specs: list[DeviceSpec], bw: float
 ) -> tuple[float, dict[str, int]] | None:
     """The least bottleneck over every valid assignment (None: none fits memory)."""
-    order = topo_order(graph)
-    best: list[tuple[float, dict[str, int]]] = []
-    stage: dict[str, int] = {}
-
-    def walk(i: int) -> None:
-        if i == len(order):
-            ev = evaluate(graph, stage, specs, bw)
-            if ev.valid and (not best or ev.bottleneck < best[0][0]):
-                best[:] = [(ev.bottleneck, dict(stage))]
-            return
-        v = order[i]
-        low = max((stage[u] for u in graph.predecessors(v)), default=0)
-        for k in range(low, len(specs)):
-            stage[v] = k
-            walk(i + 1)
-        del stage[v]
-
-    walk(0)
-    return best[0] if best else None
+    best: tuple[float, dict[str, int]] | None = None
+    for stage in _assignments(graph, len(specs)):
+        ev = evaluate(graph, stage, specs, bw)
+        if ev.valid and (best is None or ev.bottleneck < best[0]):
+            best = (ev.bottleneck, stage)
+    return best
 
 
 def _solve(graph: nx.DiGraph, specs: list[DeviceSpec], bw: float, **kw: object):  # type: ignore[no-untyped-def]
