@@ -332,6 +332,7 @@ class ModelSplitter(nn.Module):
         )
         # the plan's names for runtime.recovery.faults.device_names ("cpu:3", not "cpu")
         pipeline.__dict__["device_names"] = list(plan.devices)
+        pipeline.__dict__["on_lost"] = self._lost  # [Note: a device lost in backward]
         for drill in list(self.drills):  # armed drills fire on every pipeline it builds
             drill.attach(pipeline)
         return pipeline
@@ -351,6 +352,11 @@ class ModelSplitter(nn.Module):
             self._set_devices()
             self._refit(compiled)
             return compiled.pipeline
+
+    def _lost(self, device: str) -> None:  # lost in backward: re-planned off on the next call
+        with self.__dict__["_lock"]:
+            if device not in self.failed_devices:
+                self.failed_devices.append(device)
 
     def _set_devices(self) -> None:
         offered = self.__dict__["_offered"]

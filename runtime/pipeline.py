@@ -20,6 +20,7 @@ from runtime.interface import Const
 from runtime.microbatch import REDUCERS, Reducer, gather, scatter
 from runtime.mutation import mutated_inputs
 from runtime.recovery.faults import StageTimeout
+from runtime.recovery.watch import gate
 from runtime.route import route_for
 from runtime.schedule import clock_cycles
 from runtime.stream import Event, as_device, new_stream, record_event
@@ -88,8 +89,9 @@ class Pipeline(nn.Module):
     "always") or one per stage; ``reducer`` ("mean", "sum" or a callable) combines outputs
     without a batch dimension; ``threads`` overrides the intra-op threads of CPU stages (an
     int, or one count per stage). ``on_task(i, j)`` runs in stage j's worker before it runs
-    micro-batch i; what it raises fails that task. ``last_run`` is the `RunRecord` of the
-    latest call.
+    micro-batch i; what it raises fails that task; ``on_backward(i, j)``, when set, runs as
+    stage j starts micro-batch i's backward (``backward="autograd"``: [Note: a device lost in
+    backward] in `runtime.recovery.watch`). ``last_run`` is the latest call's `RunRecord`.
 
     Fault tolerance (`runtime.recovery.resume`): ``on_failure="replan"`` survives a device
     failure (`runtime.recovery.faults.is_device_failure`): ``replan(pipeline, failure)`` returns
@@ -139,6 +141,7 @@ class Pipeline(nn.Module):
         self.checkpoint = checkpoint
         self.reducer = reducer
         self.on_task = on_task
+        self.on_backward: TaskHook | None = None
         self.on_failure = on_failure
         self.replan = replan
         self.stage_timeout = stage_timeout
@@ -298,7 +301,7 @@ class _Run:
         def compute() -> tuple[tuple[Any, ...], Event]:
             with lock if lock is not None else contextlib.nullcontext():
                 outputs = run(*values) if keep else checkpointed(run, *values)
-            return outputs, record_event(stream)
+            return gate(pipe, i, j, outputs), record_event(stream)
 
         return Task(i, j, compute, None if self.threads is None else self.threads[i][j])
 

@@ -36,12 +36,14 @@ import torch
 from runtime.errors import StageError
 from runtime.microbatch import gather, tree_leaves, tree_map
 from runtime.recovery.faults import (
+    DeviceFailure,
     RecoveryError,
     device_names,
     is_device_failure,
     lost_memory,
     rebind_hook,
 )
+from runtime.recovery.watch import take_lost
 
 __all__ = ["Failure", "Recovery", "last_recovery", "latest", "move_off", "resume"]
 
@@ -99,15 +101,24 @@ def resume(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     """``pipe(*args, **kwargs)`` surviving device failures; see [Note: resuming a call]."""
     records = _recoveries()
     records.pop(pipe, None)
-    current = latest(pipe)
     t0 = time.perf_counter()
+    early = Recovery()
+    current = _off_lost(latest(pipe), early)
     try:
-        return current.run_call(args, kwargs)[0]
+        out = current.run_call(args, kwargs)[0]
     except StageError as err:
         if not is_device_failure(err):
             raise
         error = err
+    else:
+        if early.failures:
+            early.total_s = time.perf_counter() - t0
+            records[pipe] = early
+        return out
     call = _Call(list(error.sizes))  # this call's own: another thread may be running too
+    call.record.failures.extend(early.failures)
+    call.record.replan_s = early.replan_s
+    call.failed.extend(f.device for f in early.failures)
     while True:
         failure = call.lose(error, device_names(current)[error.stage])
         current = _replan(current, failure, call.record)
@@ -169,6 +180,24 @@ class _Call:
         return failure
 
 
+def _off_lost(current: Any, record: Recovery) -> Any:
+    """``current``, re-planned off the devices an earlier call lost in autograd's backward
+    ([Note: a device lost in backward] in `runtime.recovery.watch`)."""
+    failed: list[str] = []
+    for name in take_lost(current):
+        names = device_names(current)
+        if name not in names:
+            continue  # another call re-planned off it already
+        j = names.index(name)
+        failed.append(name)
+        error = StageError(j, name, 0, DeviceFailure(name, "lost during backward"))
+        log.warning("%s was lost during backward (stage %s); re-planning", name, j)
+        failure = Failure(name, j, 0, error, tuple(failed))
+        record.failures.append(failure)
+        current = _replan(current, failure, record)
+    return current
+
+
 def _replan(current: Any, failure: Failure, record: Recovery) -> Any:
     t = time.perf_counter()
     replan: Callable[[Any, Failure], Any] = current.replan or move_off
@@ -180,6 +209,8 @@ def _replan(current: Any, failure: Failure, record: Recovery) -> Any:
         raise
     if new.on_task is None and current.on_task is not None:
         new.on_task = rebind_hook(current.on_task, new)
+    if getattr(new, "on_backward", None) is None and getattr(current, "on_backward", None):
+        new.on_backward = rebind_hook(current.on_backward, new)
     if new is not current:
         _successor[current] = new
     record.replan_s += time.perf_counter() - t
