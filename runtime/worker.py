@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runtime.replica import replica_scope
 from runtime.stream import AbstractStream, use_device, use_stream
 
 __all__ = [
@@ -115,6 +116,7 @@ def worker(
         stack.enter_context(use_device(spec.device))
         stack.enter_context(use_stream(spec.stream))
         state.enter(stack, spec.device)
+        stack.enter_context(replica_scope())  # [Note: tied-weight replicas]
         while True:
             task = in_queue.get()
             if task is None:

@@ -572,9 +572,11 @@ def test_higher_order_op_bodies_split_and_retarget() -> None:
 
 
 def test_tied_weight_read_through_a_copy_keeps_gradients() -> None:
-    # [Note: tied weights across devices]: the later stage reads the tie as weight.to(dev);
-    # on the CPU the copy is the identity, so outputs and gradients must be unchanged.
+    # [Note: tied weights across devices]: the later stage reads the tie through
+    # tied_replica(weight, dev); on the CPU that is the weight itself, so outputs and
+    # gradients must be unchanged.
     from partitioner.splitting.retarget import read_through_copy
+    from runtime.replica import tied_replica
 
     model = Tied()
     ids = torch.randint(0, 20, (3, 5))
@@ -583,7 +585,7 @@ def test_tied_weight_read_through_a_copy_keeps_gradients() -> None:
     (tie,) = shared_tensors(stages)
     later = stages[tie.stages[1]]
     read_through_copy(later, {tie.names[1]}, "cpu")
-    copies = [n for n in later.graph.nodes if n.op == "call_method" and n.target == "to"]
+    copies = [n for n in later.graph.nodes if n.target is tied_replica]
     assert len(copies) == 1 and copies[0].args[0].target == tie.names[1]
     assert_close(run_stages(stages, ids), model(ids))
     check_grads(model, gm, stages, ids)

@@ -20,6 +20,7 @@ import torch.fx
 from torch import nn
 
 from partitioner.devices import torch_device
+from runtime.replica import tied_replica
 
 __all__ = ["place", "read_through_copy", "retarget"]
 
@@ -91,11 +92,12 @@ def read_through_copy(
     [Note: tied weights across devices]
     A weight shared by stages on two devices (GPT-2's embedding and LM head) stays on the
     device of the first stage that reads it. A later stage on another device reads it as
-    ``weight.to(device)``, inserted after its ``get_attr``: the copy runs on that stage's
-    stream every micro-batch, and autograd sends its gradient back through the copy, so
-    the one Parameter gets the sum of both uses' gradients, as in the unsplit model, and an
-    optimizer step updates the only copy there is. A weight a ``call_module`` node owns
-    (an fx-traced ``nn.Linear`` whose weight is tied) cannot be rewritten this way.
+    ``tied_replica(weight, device)``, inserted after its ``get_attr``: a replica made once
+    per call on that stage's stream and shared by the call's micro-batches, whose summed
+    gradient autograd sends back once per call, so the one Parameter gets the sum of all
+    uses' gradients, as in the unsplit model, and an optimizer step updates the only copy
+    there is ([Note: tied-weight replicas] in `runtime.replica`). A weight a ``call_module``
+    node owns (an fx-traced ``nn.Linear`` whose weight is tied) cannot be rewritten this way.
     """
     target = torch.device(device)
     for node in stage.graph.nodes:
@@ -116,7 +118,7 @@ def read_through_copy(
         if node.op != "get_attr" or node.target not in names:
             continue
         with stage.graph.inserting_after(node):
-            copy = stage.graph.call_method("to", (node, target))
+            copy = stage.graph.call_function(tied_replica, (node, target))
         node.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)
         copies += 1
     if copies:
