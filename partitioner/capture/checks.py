@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from partitioner.capture.binding import run_program
+from partitioner.capture.state import preserved_attributes
 from partitioner.errors import TraceError
 
 __all__ = [
@@ -83,8 +84,12 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
     stream is forked (the CPU's, and those of the CUDA devices holding its buffers)."""
     saved = {name: buf.detach().clone() for name, buf in module.named_buffers() if not buf.is_meta}
     devices = sorted({b.device.index or 0 for b in saved.values() if b.device.type == "cuda"})
+    # a model's plain attributes too (a GraphModule's are its own): [Note: plain attributes]
+    plain: Any = contextlib.nullcontext()
+    if not isinstance(module, fx.GraphModule):
+        plain = preserved_attributes(module)
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), plain:
             yield
     finally:
         with torch.no_grad():

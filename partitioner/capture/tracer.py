@@ -55,6 +55,7 @@ from partitioner.capture.checks import (
     sync_state_dict,
 )
 from partitioner.capture.inplace import functionalize_inplace
+from partitioner.capture.state import frozen_constants, preserved_attributes
 from partitioner.errors import InputError, TraceError
 from runtime.interface import Program
 
@@ -95,6 +96,13 @@ def trace(
     args: Args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs: Kwargs = dict(example_kwargs or {})
     check_names(model)
+    with preserved_attributes(model):  # [Note: plain attributes]
+        return _trace(model, args, kwargs, leaf_modules, mode)
+
+
+def _trace(
+    model: nn.Module, args: Args, kwargs: Kwargs, leaf_modules: Sequence[LeafSpec], mode: str
+) -> fx.GraphModule:
     modes = ("fx", "export") if mode == "auto" else (mode,)
     causes: list[tuple[str, BaseException]] = []
     fallback: fx.GraphModule | None = None  # an eval-mode fx graph whose gradients are off
@@ -118,6 +126,8 @@ def trace(
             logger.debug("trace %s: %s failed", type(model).__name__, name, exc_info=True)
             causes.append((name, exc))
             continue
+        if GRADS_OFF_KEY in gm.meta:
+            logger.warning("%s: %s", type(model).__name__, gm.meta[GRADS_OFF_KEY])
         return _traced(gm, model, name, args, kwargs)
     if fallback is not None:  # right for inference; a backward through it raises
         logger.warning("%s: %s", type(model).__name__, fallback.meta[GRADS_OFF_KEY])
@@ -360,6 +370,16 @@ def _trace_export(
     except TypeError:  # torch < 2.9 has no guard node
         gm = ep.module()
     functionalize_inplace(gm)  # export keeps add_, copy_, relu_: [Note: in-place ops]
+    frozen = frozen_constants(model, dict(ep.constants))  # [Note: plain attributes]
+    if frozen:
+        gm.meta[GRADS_OFF_KEY] = (
+            f"the model keeps {', '.join(frozen[:3])}{' and more' if len(frozen) > 3 else ''}: "
+            f"a tensor computed from its parameters in a plain attribute (a cache), which the "
+            f"exported graph holds as a constant, so those parameters would get no gradient "
+            f"through it; the graph is kept for inference only: a backward through it raises "
+            f"(clear the cache or call the model in training mode before planning, or make "
+            f"it a buffer recomputed in forward)"
+        )
     in_spec = gm._in_spec
     out_spec = gm._out_spec
     placeholders = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
