@@ -333,3 +333,265 @@ def test_a_failing_rank_fails_the_launch_without_hanging(tmp_path: Path) -> None
     # the failing rank prints its one line, not a traceback (MODELSPLIT_LOG=DEBUG adds it)
     assert "launch.py" not in res.stderr and 'File "' not in res.stderr.split("error:")[0]
     assert time.monotonic() - t0 < 60
+
+
+# -- several stages per rank: interleaved-1f1b and zero-bubble ----------------------
+
+
+class TiedNet(nn.Module):
+    """``w`` is applied twice, on stages 0 and 2 of four; stage 2 also reads ``a`` and the
+    batch size, made on stage 0, so both pass through stage 1. On 2 ranks x 2 virtual
+    stages, or 1 x 4, one rank holds both uses of ``w``."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.w, self.fc1, self.fc3 = (nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.size(0)
+        a = torch.relu(self.w(x))
+        b = torch.tanh(self.fc1(a))
+        c = self.w(b).reshape(n, -1) + a
+        return self.fc3(c)
+
+
+def tied_net() -> TiedNet:
+    """Factory for the CLI (``tests/test_distributed.py:tied_net``)."""
+    return TiedNet()
+
+
+TIED_STAGES = {"fc1": 1, "tanh": 1, "w_1": 2, "reshape": 2, "add": 2, "fc3": 3}
+
+
+def _tied_split(x: torch.Tensor) -> tuple[TiedNet, torch.fx.GraphModule, Plan]:
+    torch.manual_seed(0)
+    model = TiedNet()
+    gm = trace(model, (x,), mode="fx")
+    return model, gm, hand_plan(gm, lambda node: TIED_STAGES.get(node.name, 0), 4)
+
+
+def test_schedule_names_are_the_planners() -> None:
+    from partitioner.planner.schedules import SCHEDULES as PLANNED
+    from runtime.distributed import SCHEDULES
+    from runtime.distributed.launch import build_parser
+
+    assert tuple(SCHEDULES) == tuple(PLANNED)
+    choices = next(a.choices for a in build_parser()._actions if a.dest == "schedule")
+    assert tuple(choices or ()) == tuple(PLANNED)
+
+
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zero-bubble"])
+def test_check_schedule_refuses_the_chunks_torch_refuses(schedule: str) -> None:
+    """Brute force against torch's own constructor (on stand-in stages): our check fails
+    exactly where torch's would, and first."""
+    from types import SimpleNamespace
+
+    from runtime.distributed.placement import SCHEDULES, check_schedule
+
+    def stand_ins(k: int, v: int) -> list[SimpleNamespace]:
+        ids = range(0, k * v, k)
+        return [
+            SimpleNamespace(
+                num_stages=k * v, group_size=k, group_rank=0, stage_index=s, submod=None
+            )
+            for s in ids
+        ]
+
+    refused = 0
+    for k in range(1, 5):
+        for v in range(1, 4):
+            for m in range(1, 13):
+                try:
+                    SCHEDULES[schedule](stand_ins(k, v), m)
+                    torch_ok = True
+                except ValueError:
+                    torch_ok = False
+                try:
+                    check_schedule(schedule, k, k * v, m, v)
+                    ours_ok = True
+                except ValueError as e:
+                    assert "a multiple of" in str(e) and "rounds" in str(e)
+                    ours_ok = False
+                assert ours_ok == torch_ok, (k, v, m)
+                refused += not ours_ok
+    assert refused > 10  # the check is not vacuous: (2 ranks, 5 chunks) and more
+
+
+def test_check_schedule_says_what_to_launch() -> None:
+    from runtime.distributed.placement import check_schedule
+
+    with pytest.raises(ModelSplitError, match=r"4 stages but 3 processes x 2 virtual stages = 6"):
+        check_schedule("interleaved-1f1b", 3, 4, 4, 2)
+    with pytest.raises(ModelSplitError, match=r"--nproc-per-node=2\b.*re-plan for 6 devices"):
+        check_schedule("zero-bubble", 3, 4, 4, 2)
+    with pytest.raises(ModelSplitError, match=r"keep 2 with --virtual-stages 2"):
+        check_schedule("interleaved-1f1b", 2, 4, 4, 1)
+    with pytest.raises(ValueError, match="gpipe runs one stage per rank"):
+        check_schedule("gpipe", 2, 4, 4, 2)
+    with pytest.raises(ValueError, match="1f1b needs at least one micro-batch per stage"):
+        check_schedule("1f1b", 4, 4, 2)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        check_schedule("zb-v", 2, 2, 2)
+    check_schedule("interleaved-1f1b", 2, 2, 2, 1)  # one stage per rank is allowed
+
+
+def test_schedule_and_virtual_stages_default_to_the_plans() -> None:
+    from types import SimpleNamespace
+
+    from runtime.distributed.launch import _schedule_of, build_parser
+
+    def resolved(plan: object, *argv: str) -> tuple[str, int]:
+        args = build_parser().parse_args(
+            ["m.py:f", "--input-shape", "4,4", "--chunks", "2", *argv]
+        )
+        _schedule_of(args, plan)
+        return args.schedule, args.virtual_stages
+
+    looped = SimpleNamespace(schedule="zero-bubble", virtual_stages=2)
+    assert resolved(None) == ("gpipe", 1)
+    assert resolved(SimpleNamespace(schedule=None, virtual_stages=1)) == ("gpipe", 1)
+    assert resolved(looped) == ("zero-bubble", 2)
+    assert resolved(looped, "--schedule", "interleaved-1f1b") == ("interleaved-1f1b", 2)
+    assert resolved(looped, "--schedule", "1f1b") == ("1f1b", 1)
+    assert resolved(looped, "--virtual-stages", "3") == ("zero-bubble", 3)
+
+
+@needs_gloo
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zero-bubble"])
+def test_one_rank_holding_every_stage_matches_the_unsplit_model(
+    one_rank: None, schedule: str
+) -> None:
+    """1 rank x 4 virtual stages: the tied ``w`` is read on two stages of the rank, gets
+    both gradients and is scaled by the micro-batch count once, not once per stage."""
+    from runtime.distributed import DistributedPipeline
+
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    model, _, plan = _tied_split(x)
+    stages = split_for_ranks_of(model, x, plan)
+    pipe = DistributedPipeline(
+        stages,
+        ((x,), {}),
+        chunks=4,
+        schedule=schedule,
+        virtual_stages=4,
+        loss_fn=nn.functional.mse_loss,
+    )
+    assert pipe.stage_ids == (0, 1, 2, 3) and pipe.is_first and pipe.is_last
+    torch.testing.assert_close(pipe(x), model(x))
+    pipe.train_step(x, target=y)
+    got = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    want = torch.autograd.grad(nn.functional.mse_loss(model(x), y), list(model.parameters()))
+    for (name, _), g in zip(model.named_parameters(), want, strict=True):
+        torch.testing.assert_close(got[name], g, msg=name)
+    pipe.train_step(x, target=y)  # a second step adds its gradients, as backward() does
+    for (name, p), g in zip(model.named_parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, 2 * g, msg=name)
+
+
+def split_for_ranks_of(
+    model: nn.Module, x: torch.Tensor, plan: Plan
+) -> list[torch.fx.GraphModule]:
+    from runtime.distributed import split_for_ranks
+
+    return split_for_ranks(model, (x,), {}, plan)
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_two_ranks_zero_bubble_plans_four_stages_and_trains_like_the_unsplit_model() -> None:
+    """No --plan: rank 0 plans GPT for 2 x 2 stages; the LM head (stage 3, rank 1) and the
+    embedding (stage 0, rank 0) share their weight across the ranks. GPT's stages return
+    views and send strided input gradients, which zero-bubble's split backward refuses
+    unless the relay copies them ([Note: relay])."""
+    res = launch(
+        2,
+        f"{HERE}:gpt_tiny",
+        "--input-shape",
+        "4,8",
+        "--dtype",
+        "int64:64",
+        "--chunks",
+        "2",
+        "--schedule",
+        "zero-bubble",
+        "--virtual-stages",
+        "2",
+        "--iters",
+        "1",
+        "--train",
+        "--check",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    errs = _errs(res.stdout)
+    assert len(errs) == 2 and max(errs) < 1e-5, res.stdout
+    assert "(gradients, 4 stages)" in res.stdout
+    assert "2 ranks x 2 stages, zero-bubble" in res.stdout
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_two_ranks_interleaved_relay_skips_and_sum_a_weight_tied_on_one_rank(
+    tmp_path: Path,
+) -> None:
+    """Rank 0 holds stages 0 and 2, both reading ``w``; ``a`` and the batch size pass
+    through stage 1 on rank 1 and back to rank 0."""
+    x = torch.randn(8, 16)
+    _, _, plan = _tied_split(x)
+    plan.save(tmp_path / "plan.json")
+    res = launch(
+        2,
+        f"{HERE}:tied_net",
+        "--plan",
+        str(tmp_path / "plan.json"),
+        "--input-shape",
+        "8,16",
+        "--chunks",
+        "4",
+        "--schedule",
+        "interleaved-1f1b",
+        "--virtual-stages",
+        "2",
+        "--iters",
+        "1",
+        "--train",
+        "--check",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    errs = _errs(res.stdout)
+    assert len(errs) == 2 and max(errs) < 1e-5, res.stdout
+    assert "2 ranks x 2 stages, interleaved-1f1b" in res.stdout
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_a_world_size_that_does_not_fit_the_virtual_stages_fails_at_once(
+    tmp_path: Path,
+) -> None:
+    model, x, _ = _skip_split()
+    gm = trace(model, (x,), mode="fx")
+    hand_plan(gm, skip_stage, 3).save(tmp_path / "plan.json")
+    t0 = time.monotonic()
+    res = launch(
+        2,
+        f"{HERE}:skip_net",
+        "--plan",
+        str(tmp_path / "plan.json"),
+        "--input-shape",
+        "8,16",
+        "--chunks",
+        "2",
+        "--schedule",
+        "interleaved-1f1b",
+        "--virtual-stages",
+        "2",
+        "--timeout",
+        "20",
+        timeout=60,
+    )
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert re.search(
+        r"rank \d: error: ModelSplitError: the plan has 3 stages but 2 processes x 2 virtual "
+        r"stages = 4 run it: launch 3 processes with --virtual-stages 1, or re-plan for 4 devices",
+        res.stderr,
+    ), res.stderr
+    assert time.monotonic() - t0 < 60

@@ -1,11 +1,14 @@
-"""Run a plan on torch.distributed.pipelining: this rank's stage, one process per stage.
+"""Run a plan on torch.distributed.pipelining: this rank's stages, one process per rank.
 
 [Note: distributed stages]
 Every rank builds the whole model (same seed, same weights), traces and splits
-it with the same plan, and keeps stage ``rank``: the world size must equal
-``plan.num_stages``. The stage is wrapped by `runtime.distributed.relay` (skip values are
+it with the same plan, and keeps its stages: stage ``rank`` with one stage per rank
+(``gpipe``, ``1f1b``), stages ``rank, rank + K, ...`` with ``V`` virtual stages per rank
+(``interleaved-1f1b``, ``zero-bubble``; [Note: virtual stages] in
+`runtime.distributed.placement`): the world size times ``V`` must equal
+``plan.num_stages``. Each stage is wrapped by `runtime.distributed.relay` (skip values are
 passed through the stages between, see [Note: relay]) and handed to
-``PipelineStage``; ``ScheduleGPipe`` or ``Schedule1F1B`` runs the micro-batches.
+``PipelineStage``; torch's schedule for the name runs the micro-batches.
 The first rank feeds the inputs, the last rank gets the output (and computes
 the loss when training); the ranks in between take and return nothing.
 
@@ -17,7 +20,9 @@ example's batch shape, split into ``chunks`` equal micro-batches.
 
 Weights used by several stages (tied embeddings) live on each of their ranks;
 `DistributedPipeline.train_step` sums their gradients across those ranks, so
-every copy takes the same optimizer step.
+every copy takes the same optimizer step. Two stages of one rank hold the same
+Parameter object, so autograd already adds both uses' gradients there; see
+`DistributedPipeline.sync_tied_grads`.
 
 Run the module itself under torchrun for the command line; see
 `runtime.distributed.launch`.
@@ -26,16 +31,21 @@ Run the module itself under torchrun for the command line; see
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.pipelining.microbatch import TensorChunkSpec
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+from torch.distributed.pipelining.microbatch import (
+    TensorChunkSpec,
+    merge_chunks,
+    split_args_kwargs_into_chunks,
+)
 
 from partitioner.errors import ModelSplitError
+from runtime.distributed.placement import LOOPED, SCHEDULES, check_schedule, stages_of
 from runtime.distributed.relay import RelayStage, rebuild_output, relay
 from runtime.interface import stage_io
 
@@ -43,7 +53,6 @@ __all__ = ["SCHEDULES", "DistributedPipeline", "split_for_ranks"]
 
 log = logging.getLogger(__name__)
 
-SCHEDULES: dict[str, type] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 LossFn = Callable[..., torch.Tensor]
 
 
@@ -68,13 +77,15 @@ def split_for_ranks(
 
 
 class DistributedPipeline:
-    """Stage ``rank`` of a split model on torch.distributed.pipelining.
+    """This rank's stages of a split model on torch.distributed.pipelining.
 
     ``stages`` are all the split stages (every rank has them); ``example``
     holds the full-batch positional and keyword arguments the model is called
     with, on every rank: `runtime.distributed.relay.dry_run` runs its first micro-batch
     through the stages once to learn the shapes each boundary carries (handed
     to ``PipelineStage`` as static shapes) and which values are Python numbers.
+    With ``virtual_stages=V`` rank r holds stages r, r + K, ... of the K * V
+    ([Note: virtual stages]); ``schedule`` is one of `SCHEDULES`.
     The first rank feeds the batch, the last rank gets the output; the others
     call `forward` and `train_step` with no arguments.
     """
@@ -86,6 +97,7 @@ class DistributedPipeline:
         *,
         chunks: int,
         schedule: str = "gpipe",
+        virtual_stages: int = 1,
         loss_fn: LossFn | None = None,
         scale_grads: bool = True,
         device: torch.device | None = None,
@@ -93,22 +105,10 @@ class DistributedPipeline:
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call init_process_group")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)} ({schedule!r})")
         self.rank = dist.get_rank(group)
         self.num_stages = len(stages)
-        world = dist.get_world_size(group)
-        if world != self.num_stages:
-            raise ModelSplitError(
-                f"the plan has {self.num_stages} stages but {world} processes run it: "
-                f"launch one process per stage (--nproc-per-node={self.num_stages}) "
-                f"or re-plan for {world} devices"
-            )
-        if schedule == "1f1b" and chunks < self.num_stages:
-            raise ValueError(
-                f"1f1b needs at least one micro-batch per stage ({chunks} chunks < "
-                f"{self.num_stages} stages)"
-            )
+        self.world = dist.get_world_size(group)
+        check_schedule(schedule, self.world, self.num_stages, chunks, virtual_stages)
         self.chunks, self.schedule_name = chunks, schedule
         self.loss_fn, self.scale_grads, self.group = loss_fn, scale_grads, group
         self.device = device or torch.device("cpu")
@@ -116,10 +116,13 @@ class DistributedPipeline:
         values = self._bind(example)
         self._shapes = {n: v.shape for n, v in values.items() if isinstance(v, torch.Tensor)}
         micro = {name: _first_chunk(v, chunks, name) for name, v in values.items()}
-        wrapped, self.bounds, self.examples = relay(stages, micro)
-        self.module: RelayStage = wrapped[self.rank].to(self.device)
-        self.tied = _tied(stages, self.rank)
-        self._runners: dict[bool, tuple[PipelineStage, Any]] = {}
+        # zero-bubble splits each backward in two halves: see [Note: relay]
+        zb = schedule == "zero-bubble"
+        wrapped, self.bounds, self.examples = relay(stages, micro, split_backward=zb)
+        self.stage_ids = stages_of(self.rank, self.world, self.num_stages)
+        self.modules: list[RelayStage] = [wrapped[s].to(self.device) for s in self.stage_ids]
+        self.tied = _tied(stages, self.rank, self.world)
+        self._runners: dict[bool, tuple[list[PipelineStage], Any]] = {}
 
     @property
     def is_first(self) -> bool:
@@ -127,7 +130,7 @@ class DistributedPipeline:
 
     @property
     def is_last(self) -> bool:
-        return self.rank == self.num_stages - 1
+        return self.rank == (self.num_stages - 1) % self.world
 
     def _bind(self, call: tuple[Sequence[Any], Mapping[str, Any]]) -> dict[str, Any]:
         args, kwargs = call
@@ -147,44 +150,66 @@ class DistributedPipeline:
                 )
         return tuple(_to(values[name], self.device) for name in self.program.inputs)
 
-    def _runner(self, train: bool) -> tuple[PipelineStage, Any]:
+    def _runner(self, train: bool) -> tuple[list[PipelineStage], Any]:
         # One PipelineStage per schedule: the engine infers and caches shapes and
         # grad buffers per (stage, has_backward), so forward and training keep apart.
         if train not in self._runners:
-            # Static shapes from the dry run: the engine's dynamic inference would run
-            # stages on uninitialised buffers (garbage token ids, garbage sizes).
-            k = self.rank
-            stage = PipelineStage(
-                self.module,
-                k,
-                self.num_stages,
-                self.device,
-                input_args=_all_tensors(self.examples.boundary[k], first=k == 0),
-                output_args=_all_tensors(self.examples.boundary[k + 1]),
-                group=self.group,
-            )
+            pipe_stages = [
+                self._stage(s, module)
+                for s, module in zip(self.stage_ids, self.modules, strict=True)
+            ]
             cls = SCHEDULES[self.schedule_name]
             if self.schedule_name == "1f1b" and not train:
                 cls = ScheduleGPipe  # forward only: 1F1B and GPipe are the same order
+            looped = self.schedule_name in LOOPED
             schedule = cls(
-                stage,
+                pipe_stages if looped else pipe_stages[0],
                 self.chunks,
                 loss_fn=self._loss() if train else None,
                 output_merge_spec=_merge_spec(self.examples.boundary[-1]),
-                scale_grads=self.scale_grads,
+                scale_grads=False,  # see _scale_grads: torch would divide a tied weight twice
             )
-            self._runners[train] = (stage, schedule)
+            self._runners[train] = (pipe_stages, schedule)
         return self._runners[train]
+
+    def _stage(self, s: int, module: RelayStage) -> PipelineStage:
+        """Stage ``s`` for the engine, with the static shapes of the dry run: the engine's
+        dynamic inference would run stages on uninitialised buffers (garbage token ids,
+        garbage sizes)."""
+        return PipelineStage(
+            module,
+            s,
+            self.num_stages,
+            self.device,
+            input_args=_all_tensors(self.examples.boundary[s], first=s == 0),
+            output_args=_all_tensors(self.examples.boundary[s + 1]),
+            group=self.group,
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the micro-batches forward; the model's output on the last rank, else None.
 
         The first rank passes the model's arguments; the others call it with none.
         """
-        _, schedule = self._runner(False)
+        inputs = self._inputs(args, kwargs)
         with torch.no_grad():
-            out = schedule.step(*self._inputs(args, kwargs))
+            if self.world == 1 and len(self.modules) > 1:
+                out = self._forward_here(inputs)
+            else:
+                out = self._runner(False)[1].step(*inputs)
         return self._output(out) if self.is_last else None
+
+    def _forward_here(self, inputs: tuple[Any, ...]) -> Any:
+        """Every stage on this one rank: each micro-batch through them in order, merged as
+        the engine merges. torch 2.13's multi-stage schedules cannot run forward only when
+        adjacent stages share a rank (``get_local_bwd_output`` asserts a backward)."""
+        micro, _ = split_args_kwargs_into_chunks(inputs, {}, self.chunks)
+        outs = []
+        for values in micro:
+            for module in self.modules:
+                values = module(*values)
+            outs.append(values)
+        return merge_chunks(outs, _merge_spec(self.examples.boundary[-1]))
 
     def _output(self, leaves: Any) -> Any:
         leaves = leaves if isinstance(leaves, tuple) else (leaves,)
@@ -207,8 +232,8 @@ class DistributedPipeline:
         self, *args: Any, target: torch.Tensor | None = None, **kwargs: Any
     ) -> list[torch.Tensor] | None:
         """Forward and backward through the schedule; the per-micro-batch losses on the
-        last rank (which passes ``target``), else None. Gradients accumulate in the
-        stage's parameters like ``loss.backward()``: zero them between steps."""
+        last rank (which passes ``target``), else None. Gradients add to those already in
+        this rank's parameters, like ``loss.backward()``: zero them between steps."""
         if self.loss_fn is None:
             raise ValueError("train_step needs a loss_fn: DistributedPipeline(..., loss_fn=...)")
         if self.is_last and target is None:
@@ -216,13 +241,39 @@ class DistributedPipeline:
         _, schedule = self._runner(True)
         losses: list[torch.Tensor] = []
         tgt = _to(target, self.device) if self.is_last else None
+        # This step's gradients apart from earlier ones: scaling and summing across ranks
+        # apply to this step's only (torch's own scaling would divide earlier ones too).
+        earlier = {p: p.grad for p in self.parameters() if p.grad is not None}
+        for p in earlier:
+            p.grad = None
         schedule.step(*self._inputs(args, kwargs), target=tgt, losses=losses)
+        self._scale_grads()
         self.sync_tied_grads()
+        for p, grad in earlier.items():
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
         return losses if self.is_last else None
 
+    def _scale_grads(self) -> None:
+        """Divide by ``chunks`` (the losses are per micro-batch means), once per Parameter.
+
+        torch scales each stage's parameters at the end of its backward; a weight read
+        by two stages of this rank (a tied embedding on stages 0 and 2 of 2 ranks) would
+        be divided twice, so the schedule is built with ``scale_grads=False`` and this
+        rank scales its parameters itself, each once.
+        """
+        if self.scale_grads and self.chunks != 1:
+            with torch.no_grad():
+                for p in self.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(self.chunks)
+
     def sync_tied_grads(self) -> None:
-        """Sum the gradients of weights shared with other stages (a collective: every
-        rank calls it, in the same order, whether or not it holds the weight)."""
+        """Sum the gradients of weights shared with stages on other ranks (a collective:
+        every rank calls it, in the same order, whether or not it holds the weight).
+
+        A weight read by several stages of one rank is one Parameter object there, whose
+        ``.grad`` autograd has already summed over those stages; it takes part once.
+        """
         for param, ranks in self.tied:
             if self.rank in ranks and param.grad is not None:
                 grad = param.grad
@@ -232,9 +283,9 @@ class DistributedPipeline:
             if self.rank in ranks:
                 param.grad = grad
 
-    def parameters(self) -> Any:
-        """This rank's parameters: build the optimizer on these."""
-        return self.module.parameters()
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters, each once (build the optimizer on these)."""
+        return nn.ModuleList(self.modules).parameters()
 
 
 def _first_chunk(value: Any, chunks: int, name: str) -> Any:
@@ -266,16 +317,21 @@ def _merge_spec(leaves: tuple[Any, ...]) -> tuple[TensorChunkSpec | None, ...]:
     return tuple(batched if isinstance(v, torch.Tensor) and v.dim() > 0 else None for v in leaves)
 
 
-def _tied(stages: Sequence[nn.Module], rank: int) -> list[tuple[nn.Parameter, tuple[int, ...]]]:
-    """Parameters held by more than one stage, in one order on every rank, with the
-    ranks that hold them; this rank's own object where it holds one."""
+def _tied(
+    stages: Sequence[nn.Module], rank: int, world: int
+) -> list[tuple[nn.Parameter, tuple[int, ...]]]:
+    """Parameters held by stages on more than one rank (stage j on rank ``j % world``), in
+    one order on every rank, with the ranks that hold them; this rank's own object where
+    it holds one. A weight shared only by stages of one rank needs no collective."""
     holders: dict[int, list[int]] = {}
     params: dict[int, nn.Parameter] = {}
     for j, stage in enumerate(stages):
         for p in stage.parameters():
-            holders.setdefault(id(p), []).append(j)
+            ranks = holders.setdefault(id(p), [])
+            if j % world not in ranks:
+                ranks.append(j % world)
             params.setdefault(id(p), p)
-    tied = [(params[k], tuple(js)) for k, js in holders.items() if len(js) > 1]
+    tied = [(params[k], tuple(rs)) for k, rs in holders.items() if len(rs) > 1]
     if tied:
-        log.info("rank %s: %s weight(s) shared between stages", rank, len(tied))
+        log.info("rank %s: %s weight(s) shared with other ranks", rank, len(tied))
     return tied

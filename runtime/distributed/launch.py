@@ -27,7 +27,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from partitioner.errors import ModelSplitError
 from runtime.distributed import SCHEDULES, DistributedPipeline, split_for_ranks
+from runtime.distributed.placement import LOOPED, check_schedule
 
 log = logging.getLogger("runtime.distributed")
 
@@ -58,7 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-plan", metavar="PATH", help="where rank 0 writes the plan it solved")
     p.add_argument("--bandwidth", help="link bandwidth when solving, e.g. 12.5GB/s")
     p.add_argument("--chunks", type=int, required=True, metavar="M", help="micro-batches")
-    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="gpipe")
+    p.add_argument(
+        "--schedule",
+        choices=tuple(SCHEDULES),
+        help="the pipeline schedule (default: the plan's, else gpipe)",
+    )
+    p.add_argument(
+        "--virtual-stages",
+        type=int,
+        metavar="V",
+        help="stages per rank, for interleaved-1f1b and zero-bubble: rank r runs stages "
+        "r, r+K, ... of K*V (default: the plan's, else 1)",
+    )
     p.add_argument("--iters", type=int, default=10, help="timed iterations (after one warm-up)")
     p.add_argument("--train", action="store_true", help="forward and backward with an MSE loss")
     p.add_argument("--check", action="store_true", help="compare with the unsplit model")
@@ -72,10 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _get_plan(
     args: argparse.Namespace, model: nn.Module, call: tuple[Any, Any], world: int
 ) -> Any:
+    """The plan of ``--plan``, or one rank 0 solves for ``world * V`` stages. Fills in
+    ``--schedule`` and ``--virtual-stages`` first, and checks them before solving."""
     from partitioner.planner.plan import Plan
 
-    if args.plan:
-        return Plan.load(args.plan)
+    plan = Plan.load(args.plan) if args.plan else None
+    _schedule_of(args, plan)
+    if plan is not None:
+        return plan
+    v = args.virtual_stages
+    check_schedule(args.schedule, world, world * v, args.chunks, v)
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         from partitioner import auto_partition
@@ -83,14 +102,21 @@ def _get_plan(
 
         bandwidth = DEFAULT_BANDWIDTH if args.bandwidth is None else parse_bytes(args.bandwidth)
         plan = auto_partition(
-            model, call[0], call[1], num_devices=world, chunks=args.chunks, bandwidth=bandwidth
+            model, call[0], call[1], num_devices=world * v, chunks=args.chunks, bandwidth=bandwidth
         )
         if args.save_plan:
             plan.save(args.save_plan)
         box[0] = plan.to_dict()
     # Profiled times differ between processes: one rank solves, all use its plan.
     dist.broadcast_object_list(box, src=0)
-    return Plan.from_dict(box[0])
+    plan = Plan.from_dict(box[0])
+    if plan.num_stages != world * v:
+        raise ModelSplitError(
+            f"the planner used {plan.num_stages} of {world * v} stages (the model is too small "
+            f"to gain from more): launch {plan.num_stages // v or 1} processes, or pass a --plan "
+            f"with {world * v} stages"
+        )
+    return plan
 
 
 def _max_err(out: Any, ref: Any) -> tuple[float, float]:
@@ -129,6 +155,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         call,
         chunks=args.chunks,
         schedule=args.schedule,
+        virtual_stages=args.virtual_stages,
         loss_fn=_loss if args.train else None,
         device=device,
     )
@@ -155,6 +182,21 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     return 0 if ok else 1
 
 
+def _schedule_of(args: argparse.Namespace, plan: Any) -> None:
+    """Fill in ``--schedule`` and ``--virtual-stages`` from the plan where not given (no
+    plan, or one without these fields: gpipe, one stage per rank)."""
+    if args.schedule is None:
+        args.schedule = getattr(plan, "schedule", None) or "gpipe"
+    if args.virtual_stages is None:
+        v = getattr(plan, "virtual_stages", None)
+        args.virtual_stages = v if isinstance(v, int) and args.schedule in LOOPED else 1
+    if args.schedule not in SCHEDULES:
+        raise ValueError(
+            f"the plan's schedule {args.schedule!r} is not one this backend runs: pass "
+            f"--schedule {'|'.join(SCHEDULES)}"
+        )
+
+
 def _time_steps(args: argparse.Namespace, step: Any, call: Any, world: int, report: bool) -> None:
     """Run ``args.iters`` steps between barriers; the last rank prints the throughput."""
     dist.barrier()
@@ -166,8 +208,9 @@ def _time_steps(args: argparse.Namespace, step: Any, call: Any, world: int, repo
     if report and args.iters:
         batch = next(x.shape[0] for x in tree_leaves(call) if isinstance(x, torch.Tensor))
         mode = "train" if args.train else "forward"
+        v = f" x {args.virtual_stages} stages" if args.virtual_stages > 1 else ""
         print(
-            f"{world} ranks, {args.schedule}, {args.chunks} chunks, {mode}: "
+            f"{world} ranks{v}, {args.schedule}, {args.chunks} chunks, {mode}: "
             f"{args.iters * batch / dt:.1f} samples/s ({1e3 * dt / args.iters:.2f} ms/iter)",
             flush=True,
         )

@@ -19,6 +19,17 @@ A relayed value is sent once per boundary it crosses, while the plan's
 stages costs s extra hops the planner did not price. Gradients flow back the
 same way (autograd adds a passed-through value's gradient to the stage's own).
 
+``zero-bubble`` (torch's ``stage_backward_input``) splits a stage's backward in two and,
+between the halves, detaches the stage's outputs in place. Autograd refuses that for a view
+(``h.view(n, -1)`` returned as it is), and a tensor the stage also saved for its weight
+gradient (a passed-through input a Linear reads, a skip value used again inside the stage)
+then fails the second half ("saved tensor that has been detached in-place"); and the input
+gradients it sends back come straight from ``autograd.grad``, possibly strided, which gloo
+refuses to send ("input tensor has to be contiguous"). Built with ``split_backward=True`` a
+relay stage returns a copy of every output that is a view or needs a gradient, and makes
+its inputs' gradients contiguous: an extra copy of the stage's outputs per micro-batch,
+paid by zero-bubble only.
+
 Only tensors can be sent. A Python ``int``, ``float`` or ``bool`` crossing a
 boundary (``x.size(0)`` in a traced graph) travels as a 0-dim tensor and is
 turned back into a number on receipt; any other non-tensor value (None, a
@@ -195,6 +206,7 @@ class RelayStage(nn.Module):
         kinds: Mapping[str, Kind],
         *,
         first: bool,
+        split_backward: bool = False,
     ) -> None:
         super().__init__()
         self.stage = stage
@@ -202,6 +214,7 @@ class RelayStage(nn.Module):
         self.take, self.give = take, give
         self.kinds = {name: kinds.get(name, "tensor") for name in (*take, *give)}
         self.first = first
+        self.split_backward = split_backward
 
     def forward(self, *values: Any) -> tuple[Any, ...]:
         if len(values) != len(self.take):
@@ -209,25 +222,63 @@ class RelayStage(nn.Module):
                 f"relay stage {self.io.stage} takes {len(self.take)} values "
                 f"{list(self.take)}, got {len(values)}"
             )
+        if self.split_backward and not self.first:
+            values = tuple(_contiguous_grad(v) for v in values)
         env = dict(zip(self.take, values, strict=True))
         if not self.first:  # the first stage gets the user's values as they are
             env = {name: _decode(v, self.kinds[name]) for name, v in env.items()}
         out = self.stage(*(env[name] for name in self.io.inputs))
         env.update(zip(self.io.outputs, _as_tuple(out), strict=True))
         device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), None)
-        return tuple(_encode(env[name], self.kinds[name], device) for name in self.give)
+        out = tuple(_encode(env[name], self.kinds[name], device) for name in self.give)
+        return tuple(_own(v) for v in out) if self.split_backward else out
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous (for sending)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _contiguous_grad(value: Any) -> Any:
+    """``value`` through `_ContiguousGrad` where it needs a gradient; see [Note: relay]."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        return _ContiguousGrad.apply(value)
+    return value
+
+
+def _own(value: Any) -> Any:
+    """A copy of ``value`` where ``detach_()`` of it would fail or harm the stage's backward:
+    a view, or a tensor that needs a gradient; see [Note: relay]."""
+    if isinstance(value, torch.Tensor) and (value._is_view() or value.requires_grad):
+        return value.clone()
+    return value
 
 
 def relay(
-    stages: Sequence[nn.Module], example: Mapping[str, Any]
+    stages: Sequence[nn.Module], example: Mapping[str, Any], *, split_backward: bool = False
 ) -> tuple[list[RelayStage], Boundaries, Examples]:
     """Wrap split stages as relay stages; ``example`` maps each model input name to one
-    micro-batch, run once through the stages by `dry_run`."""
+    micro-batch, run once through the stages by `dry_run`. ``split_backward``: copy the
+    outputs and make input gradients contiguous (for ``zero-bubble``, see [Note: relay])."""
     ios = [stage_io(s) for s in stages]
     bounds = boundaries(ios)
     examples = dry_run(stages, example, bounds)
     wrapped = [
-        RelayStage(s, bounds[j], bounds[j + 1], examples.kinds, first=j == 0)
+        RelayStage(
+            s,
+            bounds[j],
+            bounds[j + 1],
+            examples.kinds,
+            first=j == 0,
+            split_backward=split_backward,
+        )
         for j, s in enumerate(stages)
     ]
     hops = sum(len(b) for b in bounds[1:-1])
