@@ -172,3 +172,18 @@ def test_gradients_that_depend_on_the_cut_are_refused() -> None:
     with pytest.raises(ModelSplitError, match=r"gradients depend on how the batch is cut.*lin"):
         check_batch_independence(OneRowGrads(), (x,), {}, 4)
     check_batch_independence(OneRowGrads(), (x,), {}, 2)  # two-row micro-batches are fine
+
+
+class _Tiny(OneRowGrads):
+    """OneRowGrads whose loss is small: every gradient stays far below the outputs' ATOL
+    (LeViT's reach 4e-6, its stem's 5e-10, and differ by 100% on one-row micro-batches)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 1e-4
+
+
+def test_small_gradients_are_compared_to_their_own_size() -> None:
+    x = torch.randn(4, 16)
+    with pytest.raises(ModelSplitError, match=r"gradient of 'lin\.weight' differs"):
+        check_batch_independence(_Tiny(), (x,), {}, 4)
+    check_batch_independence(_Tiny(), (x,), {}, 2)
