@@ -1,8 +1,9 @@
 """Turn a traced module into a CostGraph: one node per fx node, with measured costs.
 
 [Note: act_bytes]
-``act_bytes`` is the activation memory a node makes its stage hold, so that a
-stage's memory is ``sum(param_bytes + act_bytes)`` over its nodes:
+``act_bytes`` is the activation memory a node makes its stage hold for ONE micro-batch, so
+that a stage's memory is ``sum(param_bytes + act_bytes)`` over its nodes for each micro-batch
+it keeps alive:
 
 - inference (``training=False``): the node's ``out_bytes`` at the micro-batch
   size (0 for ``get_attr`` nodes, whose tensors are ``param_bytes``). A stage
@@ -10,9 +11,15 @@ stage's memory is ``sum(param_bytes + act_bytes)`` over its nodes:
   its peak (exact when nothing is freed early), so plans err on the safe side.
   ``getitem`` nodes are 0: they pick a piece of a tuple their producer holds.
 - training (``training=True``): the bytes autograd saves for backward while the
-  node runs (measured with `saved_tensors_hooks`; parameters and tensors saved
-  by an earlier node excluded), times ``chunks``: GPipe keeps every
-  micro-batch's saved tensors until its backward, i.e. the full batch's.
+  node runs on one micro-batch (measured with `saved_tensors_hooks`; parameters and
+  tensors saved by an earlier node excluded). How many micro-batches are alive at once
+  is the schedule's business, not the profile's: GPipe keeps all ``chunks`` of them
+  until their backward, 1F1B at most the number of stages (`partitioner.planner`'s
+  simulation multiplies). Profiles before issue 14 multiplied by ``chunks`` here.
+
+A training profile also gives every node ``bwd_time`` (seconds of its backward on a speed-1.0
+device per micro-batch) and ``bwd_flops``; see [Note: backward per node] in
+`partitioner.profiling.backward`. An inference profile sets both to 0, so they always exist.
 
 ``training`` defaults to the mode the model was traced in (``model.training``).
 
@@ -41,6 +48,7 @@ import logging
 import math
 import operator
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -51,7 +59,8 @@ import torch.utils._pytree as pytree
 from partitioner.capture.binding import program_of
 from partitioner.capture.checks import batch_size, preserved_state
 from partitioner.errors import ModelSplitError
-from partitioner.profiling.measure import measure, nbytes, tensor_key
+from partitioner.profiling.backward import BackwardCosts, measure_backward
+from partitioner.profiling.measure import Measurements, measure, nbytes, tensor_key
 
 __all__ = ["COSTS", "DEFAULT_MEM_BANDWIDTH", "DEFAULT_PEAK_FLOPS", "profile"]
 
@@ -84,6 +93,11 @@ def profile(
     ``cost="flops"`` estimates ``flops / peak_flops + bytes moved / mem_bandwidth``
     without timing, and runs on the ``meta`` device when the parameters live
     there. See [Note: act_bytes].
+
+    ``training=True`` (the default when ``gm`` was traced in training mode) also measures
+    each node's backward into ``bwd_time`` and ``bwd_flops`` ([Note: backward per node]):
+    timed under ``cost="time"``, ``bwd_flops / peak_flops + bytes moved / mem_bandwidth``
+    under ``cost="flops"``.
     """
     _check_args(cost, chunks, repeat, peak_flops, mem_bandwidth)
     program = program_of(gm)
@@ -100,21 +114,26 @@ def profile(
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     try:
         # Several runs of the graph: BatchNorm statistics and the RNG come out unchanged.
+        inputs = [values[name] for name in program.inputs]
         with preserved_state(gm):
             found = measure(
                 gm,
-                [values[name] for name in program.inputs],
+                inputs,
                 timed=cost == "time",
                 repeat=repeat,
                 training=training,
                 exclude={tensor_key(t) for t in _tensors(gm)},
                 sync=sync,
             )
+            back = BackwardCosts()
+            if training:
+                back = measure_backward(gm, inputs, timed=cost == "time", repeat=repeat, sync=sync)
     except Exception as exc:
         if micro >= batch:
             raise
         raise _fixed_batch_error(exc, micro, batch, chunks) from exc
-    graph = _cost_graph(gm, found, cost, peak_flops, mem_bandwidth, training, chunks)
+    rates = _Rates(cost, peak_flops, mem_bandwidth)
+    graph = _cost_graph(gm, found, back, rates, training)
     graph.graph.update(
         model=gm.meta.get("modelsplit_model", type(gm).__name__),
         inputs=list(program.inputs),
@@ -126,10 +145,11 @@ def profile(
         device=str(target),
     )
     logger.debug(
-        "profiled %s: %d nodes, %.3g s per micro-batch of %s",
+        "profiled %s: %d nodes, %.3g s forward and %.3g s backward per micro-batch of %s",
         graph.graph["model"],
         graph.number_of_nodes(),
         sum(t for _, t in graph.nodes(data="time")),
+        sum(t for _, t in graph.nodes(data="bwd_time")),
         micro,
     )
     return graph
@@ -258,34 +278,61 @@ def _ties(gm: fx.GraphModule) -> list[list[str]]:
     return sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
 
+@dataclass(frozen=True)
+class _Rates:
+    """How seconds are had: ``cost="time"`` measures; ``"flops"`` divides by these rates."""
+
+    cost: str
+    peak_flops: float
+    mem_bandwidth: float
+
+    def estimate(self, flops: int, moved: int) -> float:
+        return flops / self.peak_flops + moved / self.mem_bandwidth
+
+
+def _no_work(n: fx.Node) -> bool:
+    # Fetching an input, a weight or a tuple item is no work: timed, it is ~3.5 µs of
+    # interpreter overhead per node, which the planner would balance as compute.
+    return n.op in ("placeholder", "get_attr") or n.target is operator.getitem
+
+
 def _seconds(
-    n: fx.Node,
-    found: Any,
-    cost: str,
-    tensors: dict[str, torch.Tensor],
-    peak_flops: float,
-    mem_bandwidth: float,
+    n: fx.Node, found: Measurements, rates: _Rates, tensors: dict[str, torch.Tensor]
 ) -> float:
     """A node's seconds of work on a speed-1.0 device: measured, or from FLOPs and bytes."""
-    if n.op in ("placeholder", "get_attr") or n.target is operator.getitem:
-        # Fetching an input, a weight or a tuple item is no work: timed, it is ~3.5 µs of
-        # interpreter overhead per node, which the planner would balance as compute.
+    if _no_work(n):
         return 0.0
-    if cost == "time":
+    if rates.cost == "time":
         return float(found.seconds.get(n.name, 0.0))
     moved = found.in_bytes.get(n.name, 0) + found.out_bytes.get(n.name, 0)
     moved += sum(nbytes(t) for t in tensors.values())  # call_module weights
-    return int(found.flops.get(n.name, 0)) / peak_flops + moved / mem_bandwidth
+    return rates.estimate(int(found.flops.get(n.name, 0)), moved)
+
+
+def _bwd_seconds(
+    n: fx.Node,
+    found: Measurements,
+    back: BackwardCosts,
+    rates: _Rates,
+    tensors: dict[str, torch.Tensor],
+) -> float:
+    """A node's seconds of backward: measured, or from its backward FLOPs and the bytes it
+    moves (reads the outputs' gradients and what forward read, writes the gradients)."""
+    if _no_work(n) or n.name not in back.flops:
+        return 0.0
+    if rates.cost == "time":
+        return float(back.seconds.get(n.name, 0.0))
+    moved = found.in_bytes.get(n.name, 0) + found.out_bytes.get(n.name, 0)
+    moved += sum(nbytes(t) for t in tensors.values()) + back.grad_bytes.get(n.name, 0)
+    return rates.estimate(back.flops[n.name], moved)
 
 
 def _cost_graph(
     gm: fx.GraphModule,
-    found: Any,
-    cost: str,
-    peak_flops: float,
-    mem_bandwidth: float,
+    found: Measurements,
+    back: BackwardCosts,
+    rates: _Rates,
     training: bool,
-    chunks: int,
 ) -> nx.DiGraph:
     graph = nx.DiGraph()
     canonical: dict[int, str] = {}  # a tensor's one name (the first one seen)
@@ -312,14 +359,16 @@ def _cost_graph(
         # its bytes are param_bytes, and its out_bytes (what a stage would receive) are 0.
         out_bytes = 0 if n.op == "get_attr" else found.out_bytes.get(n.name, 0)
         flops = int(found.flops.get(n.name, 0))
-        if training:
-            act = found.saved_bytes.get(n.name, 0) * chunks
+        if training:  # [Note: act_bytes]: one micro-batch's
+            act = found.saved_bytes.get(n.name, 0)
         else:
             view = n.op == "get_attr" or n.target is operator.getitem  # no new memory
             act = 0 if view else out_bytes
         graph.add_node(
             n.name,
-            time=_seconds(n, found, cost, tensors, peak_flops, mem_bandwidth),
+            time=_seconds(n, found, rates, tensors),
+            bwd_time=_bwd_seconds(n, found, back, rates, tensors),
+            bwd_flops=int(back.flops.get(n.name, 0)),
             param_bytes=param_bytes,
             out_bytes=out_bytes,
             act_bytes=act,

@@ -30,7 +30,17 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Measurements", "measure", "nbytes", "tensor_key", "tree_nbytes"]
+__all__ = [
+    "ESTIMATE",
+    "Measurements",
+    "Progress",
+    "disagreeing",
+    "measure",
+    "nbytes",
+    "tensor_key",
+    "tree_nbytes",
+    "us",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +106,7 @@ class _Probe(fx.Interpreter):
             return out
 
 
-class _Progress:
+class Progress:
     """A rich progress bar that appears only on a TTY once work has taken over a second."""
 
     def __init__(self, total: int, what: str) -> None:
@@ -113,9 +123,9 @@ class _Progress:
             if not self.tty or time.perf_counter() - self.start < PROGRESS_AFTER_S:
                 return
             from rich.console import Console
-            from rich.progress import Progress
+            from rich.progress import Progress as RichProgress
 
-            self.bar = Progress(console=Console(stderr=True), transient=True)
+            self.bar = RichProgress(console=Console(stderr=True), transient=True)
             self.bar.start()
             self.task = self.bar.add_task(self.what, total=self.total, completed=self.done)
         self.bar.update(self.task, completed=self.done, total=self.total)
@@ -156,7 +166,7 @@ def measure(
     """
     found = Measurements()
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    progress = _Progress(len(nodes) * (1 + (repeat if timed else 0)), "profiling")
+    progress = Progress(len(nodes) * (1 + (repeat if timed else 0)), "profiling")
     counter = FlopCounterMode(display=False)
     seen: set[int] = set(exclude)
     keep: list[torch.Tensor] = []  # keeps ids stable while `seen` uses them on meta
@@ -197,7 +207,7 @@ def _time(
     repeat: int,
     training: bool,
     sync: Callable[[], None],
-    progress: _Progress,
+    progress: Progress,
 ) -> dict[str, float]:
     samples: dict[str, list[float]] = {}
 
@@ -213,10 +223,10 @@ def _time(
                 _Probe(gm, timed, sync).run(*inputs, enable_io_processing=False)
 
     passes(repeat)
-    if _disagreeing(samples):  # [Note: timing on a busy machine]
+    if disagreeing(samples):  # [Note: timing on a busy machine]
         progress.total += repeat * len(samples)
         passes(repeat)
-        noisy = _disagreeing(samples)
+        noisy = disagreeing(samples)
         if noisy:
             logger.warning(
                 "profile: timing is noisy here (another process on these cores?): %d node(s) "
@@ -224,8 +234,8 @@ def _time(
                 "node's fastest run (cost='flops' plans without timing)",
                 len(noisy),
                 ", ".join(
-                    f"{n} (fastest {_us(min(samples[n]))}, median "
-                    f"{_us(statistics.median(samples[n]))})"
+                    f"{n} (fastest {us(min(samples[n]))}, median "
+                    f"{us(statistics.median(samples[n]))})"
                     for n in noisy[:3]
                 ),
             )
@@ -238,7 +248,7 @@ SPREAD = 2.0
 SHARE = 0.01
 
 
-def _disagreeing(samples: dict[str, list[float]]) -> list[str]:
+def disagreeing(samples: dict[str, list[float]]) -> list[str]:
     """Nodes whose runs disagree enough to move a plan, the worst first."""
     total = sum(min(s) for s in samples.values())
     excess = {n: statistics.median(s) - min(s) for n, s in samples.items()}
@@ -250,5 +260,5 @@ def _disagreeing(samples: dict[str, list[float]]) -> list[str]:
     return sorted(bad, key=lambda n: -excess[n])
 
 
-def _us(seconds: float) -> str:
+def us(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.3g} ms"
