@@ -1,6 +1,7 @@
 """Fuzzing plan files: a mutated file loads as exactly what it says, or raises PlanError.
 
-Each example starts from a valid saved plan and mutates it: a key deleted, added or named
+Each example starts from a valid saved plan (an inference plan, `modelsplit.plan/1`, or a
+training plan, `/2`) and mutates it: a key deleted, added or named
 twice, a value of another type, NaN or Infinity, a deep nest, a truncated text, random
 bytes. Loading must then give a plan whose every figure, name and type is what the file
 says, or raise PlanError with one line naming a fix; never any other exception, and never
@@ -53,7 +54,28 @@ def _base() -> dict[str, Any]:
     return plan.to_dict()
 
 
+def _training() -> dict[str, Any]:
+    """A training plan (modelsplit.plan/2): every field it adds away from its default."""
+    from partitioner.planner.solver import solve
+
+    g = nx.DiGraph()
+    for k in range(8):
+        g.add_node(f"b{k}", time=1.0 + k % 3, bwd_time=2.0, param_bytes=100, out_bytes=5,
+                   act_bytes=150, order=k)  # fmt: skip
+        if k:
+            g.add_edge(f"b{k - 1}", f"b{k}")
+    devices = [DeviceSpec("cpu:0", memory=2000, speed=2.0), DeviceSpec("cpu:1", memory=2000)]
+    plan = solve(
+        g, devices, training=True, schedule="interleaved-1f1b", virtual_stages=2, chunks=4,
+        checkpoint=True, bandwidth=[[0.0, 1e9], [2e9, 0.0]], time_limit=5, model="Blocks",
+    )  # fmt: skip
+    assert plan.notes and plan.peak_memory and plan.step_time
+    return plan.to_dict()
+
+
 BASE = _base()
+#: an inference plan (modelsplit.plan/1) and a training plan (modelsplit.plan/2)
+BASES = (BASE, _training())
 
 
 class Raw(str):
@@ -120,7 +142,7 @@ ODD = st.one_of(
 @st.composite
 def mutated(draw: st.DrawFn) -> tuple[str, bool]:
     """The JSON text of a mutated plan, and whether the mutation must be refused."""
-    doc = json.loads(json.dumps(BASE))
+    doc = json.loads(json.dumps(draw(st.sampled_from(BASES))))
     kind = draw(st.sampled_from(["delete", "replace", "token", "nest", "twice", "add"]))
     if kind in ("twice", "add"):  # a key written twice, or a key no plan has
         objects = [p for p in [(), *paths(doc)] if isinstance(get(doc, p), dict) and get(doc, p)]
@@ -183,7 +205,7 @@ def test_mutated_plan_files_load_as_written_or_raise_plan_error(tmp_path_factory
 @FUZZ
 @given(st.data())
 def test_damaged_plan_text_raises_plan_error(tmp_path_factory, data) -> None:
-    text = Plan.from_dict(BASE).to_json().encode()
+    text = Plan.from_dict(data.draw(st.sampled_from(BASES))).to_json().encode()
     at = data.draw(st.integers(0, len(text) - 1))
     how = data.draw(st.sampled_from(["cut", "bytes", "latin-1", "bom", "splice"]))
     if how == "cut":  # any proper prefix of an object's text is not JSON
@@ -192,7 +214,9 @@ def test_damaged_plan_text_raises_plan_error(tmp_path_factory, data) -> None:
         noise = data.draw(st.binary(min_size=1, max_size=8))
         damaged, must_fail = text[:at] + noise + text[at:], b"\xff" in noise
     elif how == "latin-1":
-        damaged, must_fail = text.replace(b'"Net"', '"N\u00e9t"'.encode("latin-1")), True
+        for name in (b'"Net"', b'"Blocks"'):
+            text = text.replace(name, name[:2] + "\u00e9".encode("latin-1") + name[2:])
+        damaged, must_fail = text, True
     elif how == "bom":
         damaged, must_fail = b"\xef\xbb\xbf" + text, False
     else:
@@ -204,7 +228,7 @@ def test_damaged_plan_text_raises_plan_error(tmp_path_factory, data) -> None:
 @FUZZ
 @given(st.data())
 def test_from_dict_takes_plan_error_only(data) -> None:
-    doc = json.loads(json.dumps(BASE))
+    doc = json.loads(json.dumps(data.draw(st.sampled_from(BASES))))
     path = data.draw(st.sampled_from(paths(doc)))
     odd = st.one_of(
         PLAIN,

@@ -99,6 +99,35 @@ def _planner_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trace-mode", choices=("auto", "fx", "export"), default="auto")
 
 
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    from partitioner.planner.schedules import SCHEDULES
+
+    group = parser.add_argument_group("training (docs/planner.md, Training plans)")
+    group.add_argument(
+        "--train",
+        action="store_true",
+        help="plan a training step: forward and backward costs, the schedule, micro-batches "
+        "and recomputation of least predicted step time that fit --memory",
+    )
+    group.add_argument(
+        "--schedule",
+        choices=("auto", *SCHEDULES),
+        help="with --train: the pipeline schedule (default auto: the fastest that fits)",
+    )
+    group.add_argument(
+        "--virtual-stages",
+        metavar="V",
+        help="with --train: stages per device for interleaved-1f1b and zero-bubble "
+        "(default auto: 1 or 2)",
+    )
+    group.add_argument(
+        "--checkpoint",
+        choices=("auto", "on", "off"),
+        help="with --train: recompute each stage's forward in its backward (default auto: "
+        "tried when --memory is given)",
+    )
+
+
 def _format_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="table", help="how to print the plan")
     parser.add_argument("--svg", metavar="PATH", help="draw the plan with Graphviz `dot`")
@@ -114,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="trace, profile and solve; print and save the plan")
     _model_options(p)
     _planner_options(p)
+    _training_options(p)
     p.add_argument("-o", "--output", default="plan.json", help="plan file ('-' to not save)")
     _format_options(p)
     _common(p)

@@ -76,6 +76,7 @@ class PlannerOptions:
     bandwidth: float
     chunks: int
     given_chunks: bool = True  # --chunks was on the command line (else: the default)
+    training: dict[str, Any] | None = None  # with --train: solve's training options
 
 
 def _usage(option: str, value: Any, exc: Exception) -> UsageError:
@@ -151,7 +152,48 @@ def planner_options(args: argparse.Namespace) -> PlannerOptions:
     parse_model_options(args)  # fail on a typo before torch is imported
     devices = parse_devices(args.devices, args.memory, args.speed)
     chunks = args.chunks if args.chunks is not None else default_chunks(len(devices))
-    return PlannerOptions(devices, bandwidth, chunks, given_chunks=args.chunks is not None)
+    training = training_options(args)
+    return PlannerOptions(devices, bandwidth, chunks, args.chunks is not None, training)
+
+
+def training_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`solve`'s training keywords from --train, --schedule, --virtual-stages, --checkpoint
+    and --chunks (None without --train); a usage error for one that does not fit."""
+    given = {
+        name: getattr(args, name.replace("-", "_"), None)
+        for name in ("schedule", "virtual-stages", "checkpoint")
+    }
+    if not getattr(args, "train", False):
+        odd = [f"--{k}" for k, v in given.items() if v is not None]
+        if odd:
+            raise UsageError(f"{', '.join(odd)} applies to training plans: add --train")
+        return None
+    if getattr(args, "objective", "throughput") != "throughput":
+        raise UsageError(
+            f"--objective {args.objective} is for inference plans: a training plan minimises "
+            "the step time (leave --objective out with --train)"
+        )
+    text = given["virtual-stages"] or "auto"
+    virtual: int | str = "auto"
+    if text != "auto":
+        if not text.isdigit() or int(text) < 1:
+            raise UsageError(f"--virtual-stages {text}: give auto or a whole number >= 1")
+        virtual = int(text)
+    schedule = given["schedule"] or "auto"
+    if schedule in ("gpipe", "1f1b") and virtual not in ("auto", 1):
+        raise UsageError(
+            f"--schedule {schedule} runs one stage per device (--virtual-stages {virtual}): "
+            "use interleaved-1f1b or zero-bubble for more"
+        )
+    checkpoint = {"on": True, "off": False}.get(given["checkpoint"] or "auto", "auto")
+    chunks = args.chunks if args.chunks is not None else "auto"
+    return dict(
+        training=True,
+        schedule=schedule,
+        virtual_stages=virtual,
+        checkpoint=checkpoint,
+        chunks=chunks,
+    )
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -262,6 +304,8 @@ def profile_setup(
     step(f"tracing {type(setup.model).__name__}")
     gm = capture(setup.model, setup.args, setup.kwargs, mode=args.trace_mode)
     check_batch_independence(setup.model, setup.args, setup.kwargs, opts.chunks)
+    if opts.training is not None:  # profile the training costs (bwd_time, saved tensors)
+        gm.meta["modelsplit_training"] = True
     step(f"profiling {len(gm.graph.nodes)} nodes", hand_over=True)
     return profile_for(gm, setup.args, setup.kwargs, opts.devices, opts.chunks, args.cost)
 
@@ -294,6 +338,7 @@ def solve_plan(
     from partitioner.capture.tracer import input_signature
     from partitioner.planner.solver import solve
 
+    training: dict[str, Any] = opts.training or dict(training=False, chunks=opts.chunks)
     with quiet_stdout(args.debug):
         return solve(
             graph,
@@ -304,7 +349,7 @@ def solve_plan(
             solver=args.solver,
             time_limit=args.time_limit,
             gap=args.gap,
-            chunks=opts.chunks,
             signature=input_signature(setup.args, setup.kwargs),
             model=type(setup.model).__name__,
+            **training,
         )

@@ -33,6 +33,7 @@ __all__ = [
     "render_svg",
     "stage_table",
     "summary",
+    "training_summary",
 ]
 
 #: ColorBrewer Set3: one fill colour per stage, cycling after twelve.
@@ -132,7 +133,10 @@ def stage_table(plan: Plan, title: str | None = None) -> Table:
 
 
 def summary(plan: Plan) -> list[tuple[str, str]]:
-    """The plan's headline figures as (label, value) pairs."""
+    """The plan's headline figures as (label, value) pairs (`training_summary` for a plan
+    with a schedule)."""
+    if plan.schedule is not None:
+        return training_summary(plan)
     n, m = plan.num_stages, max(1, plan.chunks)
     # balanced-cut proves its optimum on bytes; the gap still compares the bottleneck.
     for_cut = " for the cut" if plan.objective == "balanced-cut" else ""
@@ -146,6 +150,33 @@ def summary(plan: Plan) -> list[tuple[str, str]]:
         ("batch time", f"~{fmt_time((m + n - 1) * plan.bottleneck)} ({m} micro-batches)"),
         ("solver", f"{plan.solver} in {fmt_time(plan.solve_time)}"),
     ]
+
+
+def training_summary(plan: Plan) -> list[tuple[str, str]]:
+    """A training plan's figures: the schedule, the step time against its bound, the peak
+    memory of each device, the forward figures per micro-batch, and the planner's notes."""
+    v = plan.virtual_stages
+    layout = f"{v} stages per device" if v > 1 else "one stage per device"
+    recompute = "recomputing each stage's forward" if plan.checkpoint else "no recomputation"
+    specs = {d.name: d for d in plan.device_specs}
+    peaks = []
+    for name, peak in zip(plan.device_names, plan.peak_memory or [], strict=False):
+        limit = specs[name].memory
+        peaks.append(
+            f"{name} {fmt_bytes(peak)}" + (f" / {fmt_bytes(limit)}" if limit is not None else "")
+        )
+    rows = [
+        ("model", plan.model or "?"),
+        ("schedule", f"{plan.schedule}, {plan.chunks} micro-batches, {layout}, {recompute}"),
+        ("step time", f"{fmt_time(plan.step_time or 0.0)} per training step (predicted)"),
+        ("lower bound", f"{fmt_time(plan.lower_bound)} per step"),
+        ("gap", f"{100 * plan.gap:.2f}% of the step time ({plan.status})"),
+        ("peak memory", ", ".join(peaks) or "-"),
+        ("bottleneck", f"{fmt_time(plan.bottleneck)} per micro-batch, forward only"),
+        ("communicated", f"{fmt_bytes(plan.comm_bytes)} per micro-batch, each way"),
+        ("solver", f"{plan.solver} in {fmt_time(plan.solve_time)}"),
+    ]
+    return rows + [("note", note) for note in plan.notes]
 
 
 #: What DOT cannot take verbatim inside a quoted string: control characters (a newline,

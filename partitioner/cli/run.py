@@ -134,13 +134,18 @@ def _load_plan(args: argparse.Namespace) -> Plan:
             raise UsageError(f"--{name} {value:g}: give a tolerance >= 0, e.g. --{name} 1e-4")
     parse_model_options(args)
     plan = Plan.load(args.plan)
+    if plan.virtual_stages > 1:
+        raise PlanError(
+            f"the plan puts {plan.virtual_stages} stages on each device ({plan.schedule}); "
+            "`modelsplit run` runs one stage per device: re-plan with --virtual-stages 1"
+        )
     if args.devices:
         devices = parse_devices(args.devices)
-        if len(devices) != plan.num_stages:
+        if len(devices) != plan.num_devices:
             raise PlanError(
-                f"plan field 'devices' lists {plan.num_stages} device(s) "
-                f"({', '.join(plan.devices)}) but --devices names {len(devices)}: pass "
-                f"{plan.num_stages} devices or re-plan with --devices {len(devices)}"
+                f"plan field 'devices' lists {plan.num_devices} device(s) "
+                f"({', '.join(plan.device_names)}) but --devices names {len(devices)}: pass "
+                f"{plan.num_devices} devices or re-plan with --devices {len(devices)}"
             )
         plan = plan.on_devices(devices)
     check_devices(plan.devices)

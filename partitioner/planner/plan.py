@@ -26,8 +26,9 @@ from partitioner.planner.cost import (
     evaluate,
     normalize_devices,
 )
+from partitioner.planner.links import check_links
 from partitioner.planner.planfile import read_document
-from partitioner.planner.schema import SCHEMA, STATUSES, check, key_path, refusal, shown
+from partitioner.planner.schema import INFERENCE, SCHEMA, SCHEMA_2, STATUSES, check
 
 __all__ = ["SCHEMA", "STATUSES", "Plan", "StageInfo", "make_plan"]
 
@@ -66,6 +67,14 @@ class Plan:
     ``devices[k]``); ``device_specs`` keep their memory and speed. Only the
     stages that hold nodes are listed: a plan may use fewer devices than it was
     offered, but never leaves an empty stage between two used ones.
+
+    A training plan (``schedule`` set: docs/planner.md, "Training plans") also has
+    ``virtual_stages`` (V: ``K * V`` stages on its K devices, stage s on
+    ``device_specs[s % K]``; `devices` names each stage's), ``checkpoint``
+    (recomputation), ``step_time`` (predicted seconds per step), ``peak_memory`` (bytes
+    per device) and ``notes`` (why this schedule); its ``lower_bound`` and ``gap`` are of
+    the step time. An inference plan leaves them at
+    ``None``, 1, False, None, None and [].
     """
 
     assignment: Assignment
@@ -84,44 +93,79 @@ class Plan:
     signature: list[Any] = field(default_factory=list)
     model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    schedule: str | None = None
+    virtual_stages: int = 1
+    checkpoint: bool = False
+    step_time: float | None = None
+    peak_memory: list[int] | None = None
+    notes: list[str] = field(default_factory=list)
 
     # -- views ---------------------------------------------------------------
     @property
     def devices(self) -> list[str]:
-        """Device names of the used stages, in stage order."""
+        """The device of each stage, in stage order: with ``V = virtual_stages > 1`` device d
+        runs stages d, d + K, ... and is named V times (`device_names` lists each once)."""
         return [s.device for s in self.stages]
+
+    @property
+    def device_names(self) -> list[str]:
+        """The K devices the plan uses, each once, in order (``device_specs``' names)."""
+        return [d.name for d in self.device_specs]
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def on_devices(self, devices: Sequence[DeviceSpec]) -> Plan:
-        """The same assignment with stage j on ``devices[j]`` (figures kept as planned).
+    @property
+    def num_devices(self) -> int:
+        return len(self.device_specs)
 
-        More devices than stages is the list the plan was made from, where the planner left
-        some unused: stages keep their devices by name when every one is offered, else take
-        the first ``num_stages``.
+    def on_devices(self, devices: Sequence[DeviceSpec]) -> Plan:
+        """The same assignment with ``devices[j]`` in place of the plan's j-th device (stage
+        j with one stage per device; figures kept as planned).
+
+        More devices than the plan uses is the list the plan was made from, where the
+        planner left some unused: the plan keeps its devices by name when every one is
+        offered, else takes the first ``num_devices``.
         """
-        if len(devices) > self.num_stages:
+        k = self.num_devices
+        if len(devices) > k:
             by_name = {d.name: d for d in devices}
-            named = [by_name.get(name) for name in self.devices]
+            named = [by_name.get(name) for name in self.device_names]
             kept = [d for d in named if d is not None]
-            devices = kept if len(kept) == self.num_stages else list(devices[: self.num_stages])
-        if len(devices) != self.num_stages:
+            devices = kept if len(kept) == k else list(devices[:k])
+        if len(devices) != k:
+            unit = "stage" if self.virtual_stages == 1 else "device"
             raise PlanError(
-                f"the plan has {self.num_stages} stages but {len(devices)} devices were given; "
-                f"give one device per stage or re-plan for these devices"
+                f"the plan has {k} {unit}s but {len(devices)} devices were given; "
+                f"give one device per {unit} or re-plan for these devices"
             )
-        stages = [replace(s, device=d.name) for s, d in zip(self.stages, devices, strict=True)]
+        stages = [replace(s, device=devices[j % k].name) for j, s in enumerate(self.stages)]
         return replace(self, device_specs=list(devices), stages=stages)
 
     def stage_nodes(self, j: int) -> list[str]:
         return [v for v, k in self.assignment.items() if k == j]
 
     # -- (de)serialisation ---------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def training_fields(self) -> dict[str, Any]:
+        """The fields `modelsplit.plan/2` added, as the plan file writes them."""
         return {
-            "schema": SCHEMA,
+            "schedule": self.schedule,
+            "virtual_stages": self.virtual_stages,
+            "checkpoint": self.checkpoint,
+            "step_time": self.step_time,
+            "peak_memory": None if self.peak_memory is None else list(self.peak_memory),
+            "notes": list(self.notes),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan file's fields: a `modelsplit.plan/1` document when the training fields
+        are at their inference defaults ([Note: plan schema versions]), else version 2."""
+        extra = self.training_fields()
+        version = SCHEMA if extra == INFERENCE else SCHEMA_2
+        notes = extra.pop("notes")
+        data = {
+            "schema": version,
             "model": self.model,
             "objective": self.objective,
             "status": self.status,
@@ -135,12 +179,15 @@ class Plan:
             if isinstance(self.bandwidth, int | float)
             else [list(r) for r in self.bandwidth],
             "chunks": self.chunks,
+            **(extra if version == SCHEMA_2 else {}),
             "signature": self.signature,
             "devices": [d.to_dict() for d in self.device_specs],
             "stages": [asdict(s) for s in self.stages],
             "assignment": dict(self.assignment),
+            **({"notes": notes} if version == SCHEMA_2 else {}),
             "meta": self.meta,
         }
+        return data
 
     def to_json(self) -> str:
         """The plan file's text; a figure that is not finite is a PlanError here, not a
@@ -198,55 +245,13 @@ class Plan:
 
 def _plan_from_dict(data: Any) -> Plan:
     fields = check(data)
-    _check_links(fields)
+    check_links(fields)
     plain = {k: v for k, v in fields.items() if k not in ("schema", "devices", "stages")}
     return Plan(
         device_specs=[DeviceSpec(**d) for d in fields["devices"]],
         stages=[StageInfo(**s) for s in fields["stages"]],
         **plain,
     )
-
-
-def _check_links(plan: Mapping[str, Any]) -> None:
-    """What the schema's table cannot say: the fields that must agree with one another."""
-    devices, stages, n = plan["devices"], plan["stages"], len(plan["stages"])
-    if len(devices) != n:
-        fix = "list one device per stage in 'devices', in stage order"
-        raise refusal("stages", f"lists {n} stages for {len(devices)} devices", fix)
-    seen: dict[str, int] = {}
-    for k, (device, stage) in enumerate(zip(devices, stages, strict=True)):
-        name = device["name"]
-        if name in seen:
-            problem = f"repeats {shown(name)} (devices[{seen[name]}].name)"
-            raise refusal(f"devices[{k}].name", problem, "give each device a name of its own")
-        seen[name] = k
-        if stage["device"] != name:
-            problem = f"is {shown(stage['device'])} but devices[{k}].name is {shown(name)}"
-            fix = f"stage {k} runs on devices[{k}]: make the two names agree"
-            raise refusal(f"stages[{k}].device", problem, fix)
-    used: set[int] = set()
-    for node, k in plan["assignment"].items():
-        if k >= n:
-            fix = "give the index of one of the plan's stages"
-            raise refusal("assignment" + key_path(node), f"is {k}, outside 0..{n - 1}", fix)
-        used.add(k)
-    if len(used) < n:
-        problem = f"places no node on stage {min(set(range(n)) - used)}"
-        raise refusal("assignment", problem, "place a node on every stage")
-    bandwidth = plan["bandwidth"]
-    if isinstance(bandwidth, list):
-        _check_matrix(bandwidth, n)
-
-
-def _check_matrix(bandwidth: list[list[float]], n: int) -> None:
-    if len(bandwidth) != n or any(len(row) != n for row in bandwidth):
-        fix = f"give {n} rows of {n} numbers, [source][destination], one per device"
-        raise refusal("bandwidth", f"is not a {n} x {n} matrix", fix)
-    for i, row in enumerate(bandwidth):
-        for j, value in enumerate(row):
-            if i != j and not value > 0:
-                fix = "write the bytes/s between two devices, a number > 0"
-                raise refusal(f"bandwidth[{i}][{j}]", f"is {shown(value)}", fix)
 
 
 def _compact(assignment: Mapping[str, int]) -> tuple[Assignment, list[int]]:

@@ -20,7 +20,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["KINDS", "SCHEDULES", "Action", "actions", "device_of", "format_grid", "timings"]
+__all__ = [
+    "KINDS",
+    "SCHEDULES",
+    "Action",
+    "actions",
+    "check_schedule",
+    "device_of",
+    "format_grid",
+    "timings",
+]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
 KINDS = ("F", "B", "W")
@@ -76,6 +85,12 @@ def actions(
         return [_one_f_one_b(d, k, m) for d in range(k)]
     zero_bubble = schedule == "zero-bubble"
     return [_looped(d, k, m, virtual_stages, zero_bubble) for d in range(k)]
+
+
+def check_schedule(schedule: str, num_devices: int, chunks: int, virtual_stages: int = 1) -> None:
+    """ValueError, showing the values, unless `actions` can build this schedule (without
+    building it: a plan file's chunks may be huge)."""
+    _check(schedule, num_devices, chunks, virtual_stages)
 
 
 def _check(schedule: str, k: int, m: int, v: int) -> None:

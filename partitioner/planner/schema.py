@@ -1,30 +1,64 @@
-"""The fields of a plan file, `modelsplit.plan/1`: declared in `PLAN`, checked by `check`.
+"""The fields of a plan file, `modelsplit.plan/2` (and /1): declared in `PLAN`, checked by `check`.
 
 [Note: plan schema]
-`PLAN` gives each field a kind (`Str`, `Num`, `Int`, `Array`, `Obj`, `Map`, ...) and its
-constraints; `check` walks a parsed document against it and returns a fresh copy of exactly
-what the document says, never a coercion (no `str(None)`, no `int(1.5)`). What a table cannot
-say (one stage per device, stage k on devices[k], unique device names, stage indices in
-range, no empty stage, a K x K bandwidth matrix) `plan._check_links` checks next.
+`PLAN` gives each field a kind (`Str`, `Num`, `Int`, `Bool`, `Array`, `Obj`, `Map`, ...:
+`partitioner.planner.kinds`) and its constraints; `check` walks a parsed document against it
+and returns a fresh copy of exactly what the document says, never a coercion (no
+`str(None)`, no `int(1.5)`). What a table cannot say (stage s on devices[s % K], K *
+virtual_stages stages, unique device names, stage indices in range, no empty stage, a K x K
+bandwidth matrix, a schedule that runs on K devices, the training fields of an inference
+plan left at their defaults) `partitioner.planner.links` checks next.
 A refusal is one `PlanError` line naming the field (``stages[2].device``) and the fix.
 `planfile.py` parses NaN, Infinity, overflowing numbers and repeated keys into `Token` and
 `Repeated` objects, so that those errors name their field too. Hand-written, not jsonschema
 or pydantic: half the rules are links, every message carries its fix, jsonschema adds five
 packages at ~5 us per assignment entry, and pydantic's lax mode coerces what must be refused.
+
+[Note: plan schema versions]
+`modelsplit.plan/2` adds the training fields (`schedule`, `virtual_stages`, `checkpoint`,
+`step_time`, `peak_memory`, `notes`). A plan is written in the oldest version that holds
+it: an inference plan, whose training fields are at their defaults (`INFERENCE`), as
+`modelsplit.plan/1`, byte for byte as before (so older readers still read it), a training
+plan as version 2. A version-1 file is checked against the fields it had (`PLAN_1`: a new
+field in it is refused) and loads with the training fields at their inference defaults.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from partitioner.errors import PlanError
+from partitioner.planner.kinds import (
+    MAX_DEPTH,
+    MAX_DIGITS,
+    AnyOf,
+    Array,
+    Bool,
+    Int,
+    Invalid,
+    Json,
+    Map,
+    Nullable,
+    Num,
+    Obj,
+    Repeated,
+    Str,
+    Token,
+    key_path,
+    shown,
+)
+from partitioner.planner.schedules import SCHEDULES
 
 __all__ = [
+    "INFERENCE",
+    "MAX_DEPTH",
+    "MAX_DIGITS",
     "PLAN",
+    "PLAN_1",
+    "REMAKE",
     "SCHEMA",
+    "SCHEMA_2",
     "STATUSES",
     "Repeated",
     "Token",
@@ -34,276 +68,25 @@ __all__ = [
     "shown",
 ]
 
-SCHEMA = "modelsplit.plan/1"
+#: The version an inference plan is written in, as it always was, and the version that adds
+#: the training fields ([Note: plan schema versions]).
+SCHEMA, SCHEMA_2 = "modelsplit.plan/1", "modelsplit.plan/2"
 
 #: Statuses a plan may carry: proven within the requested gap; a solution without
 #: that proof; the best heuristic when the ILP found nothing; a baseline policy.
 STATUSES = ("optimal", "feasible", "heuristic", "baseline")
 OBJECTIVES = ("throughput", "balanced-cut")
-
-MAX_DEPTH = 32  #: nesting levels of a whole plan (the declared fields use at most 4)
-MAX_INT = 2**63 - 1  #: byte counts, counts and indices fit in 64 bits
-MAX_DIGITS = 20  #: digits of an integer anywhere in a plan (2**64 has 20)
 REMAKE = "re-create the file with `modelsplit plan`"
 
-
-class Token:
-    """A number JSON does not have (NaN, Infinity, 1e999, 10**30): refused where it stands."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text if len(text) <= 24 else f"an integer of {len(text)} digits"
-
-
-class Repeated(dict):  # type: ignore[type-arg]
-    """A JSON object that names the key `repeated` twice (the last copy is kept)."""
-
-    repeated: str = ""
-
-
-class _Invalid(Exception):
-    """A refused value; `where` collects its path (fields, indices, `key_path`s) on the way up."""
-
-    def __init__(self, problem: str, fix: str, *where: str | int) -> None:
-        super().__init__(problem)
-        self.problem, self.fix, self.where = problem, fix, list(reversed(where))
-
-    def at(self, part: str | int) -> _Invalid:
-        self.where.append(part)
-        return self
-
-
-def shown(value: Any) -> str:
-    """A value for a one-line message, at most ~60 characters."""
-    if isinstance(value, Token):
-        return value.text
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list | tuple):
-        return f"a list of {len(value)}"
-    if isinstance(value, int) and value.bit_length() > 64:
-        return f"an integer of {value.bit_length()} bits"
-    if value is None or isinstance(value, int | float | str):
-        text = json.dumps(value)
-        return text if len(text) <= 60 else text[:56] + '..."'
-    return f"a Python {type(value).__name__}"
-
-
-def _wrong(value: Any, want: str) -> _Invalid:
-    if isinstance(value, Token):
-        return _Invalid(f"is {value.text}, which a plan cannot hold", f"write {want}")
-    return _Invalid(f"has the wrong type ({shown(value)})", f"write {want}")
-
-
-def _text(value: str) -> str:
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _Invalid("holds a lone surrogate, which is not text", "write text") from None
-    return value
-
-
-class Kind:
-    """What one JSON value must be: `want` says it in words, `check` returns a copy."""
-
-    want = "a JSON value"
-    types: tuple[type, ...] = (object,)  # the Python types of its JSON type
-
-    def fits(self, value: Any) -> bool:
-        """Whether the value has this kind's JSON type (how `AnyOf` picks a kind)."""
-        return isinstance(value, self.types) and not isinstance(value, bool | Token)
-
-    def check(self, value: Any) -> Any:
-        raise NotImplementedError
-
-
-class Str(Kind):
-    types = (str,)
-
-    def __init__(self, *choices: str, nonempty: bool = False) -> None:
-        self.choices, self.nonempty = choices, nonempty
-        self.want = "a non-empty string" if nonempty else "a string"
-        if choices:
-            self.want = "one of " + ", ".join(json.dumps(c) for c in choices)
-
-    def check(self, value: Any) -> Any:
-        if not isinstance(value, str):
-            raise _wrong(value, self.want)
-        if (self.nonempty and not value) or (self.choices and value not in self.choices):
-            raise _Invalid(f"is {shown(value)}", f"write {self.want}")
-        return _text(value)
-
-
-class Num(Kind):
-    """A finite number in [minimum, maximum] (above minimum when `positive`)."""
-
-    types = (int, float)
-    whole = False
-
-    def __init__(
-        self, minimum: float = 0, maximum: float = math.inf, *, positive: bool = False
-    ) -> None:
-        self.minimum, self.maximum, self.positive = minimum, maximum, positive
-        top = "" if maximum == math.inf else f" and <= {maximum:g}"
-        self.want = f"a finite number {'>' if positive else '>='} {minimum:g}{top}"
-
-    def check(self, value: Any) -> Any:
-        if not self.fits(value):
-            raise _wrong(value, self.want)
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if self.whole:
-            ok = math.isfinite(number) and number.is_integer()
-            ok = ok and self.minimum <= int(value) <= MAX_INT
-        else:
-            low = number > self.minimum if self.positive else number >= self.minimum
-            ok = math.isfinite(number) and low and number <= self.maximum
-        if not ok:
-            raise _Invalid(f"is {shown(value)}", f"write {self.want}")
-        return int(value) if self.whole else number
-
-
-class Int(Num):
-    """A whole number below 2**63: JSON has one number type, so 3.0 is 3 and 1.5 is refused."""
-
-    whole = True
-
-    def __init__(self, minimum: int = 0) -> None:
-        super().__init__(minimum, MAX_INT)
-        self.want = f"a whole number >= {minimum}"
-
-
-class Nullable(Kind):
-    def __init__(self, kind: Kind) -> None:
-        self.kind, self.want = kind, f"{kind.want} or null"
-
-    def fits(self, value: Any) -> bool:
-        return value is None or self.kind.fits(value)
-
-    def check(self, value: Any) -> Any:
-        return None if value is None else self.kind.check(value)
-
-
-class Array(Kind):
-    types = (list, tuple)
-
-    def __init__(self, item: Kind, min_items: int = 0) -> None:
-        self.item, self.min_items = item, min_items
-        self.want = f"a list of {f'at least {min_items} ' if min_items else ''}({item.want})"
-
-    def check(self, value: Any) -> Any:
-        if not self.fits(value):
-            raise _wrong(value, self.want)
-        if len(value) < self.min_items:
-            raise _Invalid(f"is {shown(value)}", f"write {self.want}")
-        out = []
-        for i, item in enumerate(value):
-            try:
-                out.append(self.item.check(item))
-            except _Invalid as e:
-                raise e.at(i) from None
-        return out
-
-
-def _object(value: Any, want: str) -> Mapping[Any, Any]:
-    if not isinstance(value, Mapping):
-        raise _wrong(value, want)
-    if isinstance(value, Repeated):
-        problem = f"names {shown(value.repeated)} twice (JSON readers disagree on which wins)"
-        raise _Invalid(problem, "keep one")
-    return value
-
-
-class Obj(Kind):
-    """An object with exactly these fields; `tag` is the field that tells it in an `AnyOf`."""
-
-    types = (Mapping,)
-
-    def __init__(self, fields: Mapping[str, Kind], what: str, tag: str | None = None) -> None:
-        self.fields, self.tag = fields, tag
-        self.want = f"{what} with the fields {', '.join(fields)}"
-
-    def fits(self, value: Any) -> bool:
-        return super().fits(value) and (self.tag is None or self.tag in value)
-
-    def check(self, value: Any) -> Any:
-        value = _object(value, self.want)
-        for key in value:
-            if key not in self.fields:
-                name = key if isinstance(key, str) else shown(key)
-                raise _Invalid(f"is not a field of {SCHEMA}", "remove it", name)
-        out = {}
-        for name, kind in self.fields.items():
-            if name not in value:
-                raise _Invalid("is missing", f"add it ({kind.want})", name)
-            try:
-                out[name] = kind.check(value[name])
-            except _Invalid as e:
-                raise e.at(name) from None
-        return out
-
-
-class Map(Kind):
-    """An object whose keys are names of the writer's choosing, each with a `value`."""
-
-    types = (Mapping,)
-
-    def __init__(self, value: Kind, what: str) -> None:
-        self.value, self.want = value, f"{what} (values: {value.want})"
-
-    def check(self, value: Any) -> Any:
-        out = {}
-        for key, item in _object(value, self.want).items():
-            if not isinstance(key, str):
-                raise _Invalid(f"has a key that is not a string ({shown(key)})", "use names")
-            try:
-                out[_text(key)] = self.value.check(item)
-            except _Invalid as e:
-                raise e.at(key_path(key)) from None
-        return out
-
-
-class AnyOf(Kind):
-    """The first of `kinds` that `fits` the value decides."""
-
-    def __init__(self, *kinds: Kind) -> None:
-        self.kinds, self.want = kinds, " or ".join(k.want for k in kinds)
-
-    def check(self, value: Any) -> Any:
-        kind = next((k for k in self.kinds if k.fits(value)), None)
-        if kind is None:
-            raise _wrong(value, self.want)
-        return kind.check(value)
-
-
-class Json(Kind):
-    """Free-form JSON (the planner's notes) nested at most `depth` levels more."""
-
-    want = "JSON: null, true, false, a finite number, a string, a list or an object"
-
-    def __init__(self, depth: int) -> None:
-        self.depth = depth
-
-    def check(self, value: Any) -> Any:
-        if value is None or isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            return _text(value)
-        if isinstance(value, int) and abs(value) >= 10**MAX_DIGITS:
-            raise _Invalid(f"is {shown(value)}", f"write at most {MAX_DIGITS} digits")
-        if isinstance(value, int | float):
-            return Num(-math.inf).check(value) if isinstance(value, float) else value
-        if not isinstance(value, list | tuple | Mapping):
-            raise _wrong(value, "a finite number" if isinstance(value, Token) else self.want)
-        if self.depth <= 0:
-            raise _Invalid(f"nests deeper than the {MAX_DEPTH} levels a plan may", "flatten it")
-        inner = Json(self.depth - 1)
-        if isinstance(value, Mapping):
-            return Map(inner, "an object").check(value)
-        return Array(inner).check(value)
-
+#: The training fields of an inference plan (and of a version-1 file, which has none).
+INFERENCE: dict[str, Any] = {
+    "schedule": None,
+    "virtual_stages": 1,
+    "checkpoint": False,
+    "step_time": None,
+    "peak_memory": None,
+    "notes": [],
+}
 
 DEVICE = Obj(
     {"name": Str(nonempty=True), "memory": Nullable(Int()), "speed": Num(positive=True)},
@@ -328,10 +111,18 @@ TENSOR = Obj(
 )
 CONSTANT = Obj({"path": Str(), "value": Str()}, "a constant", "value")
 
-#: Every field of a plan file, in the order `Plan.save` writes them.
-PLAN = Obj(
-    {
-        "schema": Str(SCHEMA),
+
+def _plan(schema: str, training: bool) -> Obj:
+    """The table of one version's fields, in the order `Plan.save` writes them."""
+    new: dict[str, Any] = {
+        "schedule": Nullable(Str(*SCHEDULES)),
+        "virtual_stages": Int(1),
+        "checkpoint": Bool(),
+        "step_time": Nullable(Num()),
+        "peak_memory": Nullable(Array(Int())),
+    }
+    fields: dict[str, Any] = {
+        "schema": Str(schema),
         "model": Str(),
         "objective": Str(*OBJECTIVES),
         "status": Str(*STATUSES),
@@ -343,32 +134,44 @@ PLAN = Obj(
         "gap": Num(0, 1),
         "bandwidth": AnyOf(Num(positive=True), Array(Array(Num()), 1)),
         "chunks": Int(1),
+        **(new if training else {}),
         "signature": Array(AnyOf(TENSOR, CONSTANT)),
         "devices": Array(DEVICE, 1),
         "stages": Array(STAGE, 1),
         "assignment": Map(Int(), "an object {node name: stage index}"),
+        **({"notes": Array(Str())} if training else {}),
         "meta": Map(Json(MAX_DEPTH - 2), "an object of notes"),
-    },
-    "a plan",
-)
+    }
+    return Obj(fields, "a plan", of=schema)
+
+
+#: Every field of a plan file (version 2), in the order `Plan.save` writes them.
+PLAN = _plan(SCHEMA_2, training=True)
+#: The fields of a version-1 plan file.
+PLAN_1 = _plan(SCHEMA, training=False)
 
 
 def check(data: Any) -> dict[str, Any]:
-    """The fields of a plan document (parsed JSON or a dict) as a checked copy.
+    """The fields of a plan document (parsed JSON or a dict) as a checked copy, with the
+    training fields at their inference defaults for a version-1 document.
 
     Raises PlanError, and only PlanError, naming the field and the fix.
     """
     if not isinstance(data, Mapping):
         raise PlanError(f"a plan must be a JSON object, not {shown(data)}: {REMAKE}")
-    if "schema" in data and not (isinstance(data["schema"], str) and data["schema"] == SCHEMA):
+    version = data.get("schema", SCHEMA_2)
+    if not (isinstance(version, str) and version in (SCHEMA, SCHEMA_2)):
         raise PlanError(
-            f"unknown plan schema {shown(data['schema'])}: this version reads {SCHEMA!r}; "
-            f"{REMAKE} of this version"
+            f"unknown plan schema {shown(version)}: this version reads {SCHEMA!r} and "
+            f"{SCHEMA_2!r}; {REMAKE} of this version"
         )
+    table = PLAN if version == SCHEMA_2 else PLAN_1
     try:
-        plan: dict[str, Any] = PLAN.check(data)
-    except _Invalid as e:
+        plan: dict[str, Any] = table.check(data)
+    except Invalid as e:
         raise refusal(_path(e.where), e.problem, e.fix) from None
+    if version == SCHEMA:
+        plan.update({k: list(v) if isinstance(v, list) else v for k, v in INFERENCE.items()})
     return plan
 
 
@@ -377,12 +180,6 @@ def refusal(path: str, problem: str, fix: str) -> PlanError:
     path = path if len(path) <= 100 else f"{path[:60]}...{path[-37:]}"
     subject = f"plan field {path!r}" if path else "the plan"
     return PlanError(f"{subject} {problem}: {fix}, or {REMAKE}")
-
-
-def key_path(key: str) -> str:
-    """A `Map` key as a path part: ``["layers.0"]`` (cut to ~40 characters)."""
-    text = json.dumps(key)
-    return f"[{text if len(text) <= 40 else text[:36] + '...' + text[-1]}]"
 
 
 def _path(where: list[str | int]) -> str:

@@ -42,6 +42,7 @@ import networkx as nx
 from partitioner.errors import InfeasiblePlanError
 from partitioner.planner import coarsen as _coarsen
 from partitioner.planner.bounds import fine_lower_bound
+from partitioner.planner.candidates import inference_chunks, is_training_graph
 from partitioner.planner.cost import (
     DEFAULT_BANDWIDTH,
     Bandwidth,
@@ -66,6 +67,7 @@ from partitioner.planner.levels import (
     score,
 )
 from partitioner.planner.plan import Plan, make_plan
+from partitioner.planner.training import Run, train_plan
 
 __all__ = ["check_memory", "solve"]
 
@@ -95,11 +97,25 @@ def solve(
     time_limit: float = 30.0,
     gap: float = 0.01,
     coarsen: bool = True,
-    chunks: int = 1,
+    chunks: int | str | None = None,
     signature: Sequence[Any] = (),
     model: str = "",
+    training: bool | None = None,
+    schedule: str | Sequence[str] = "auto",
+    virtual_stages: int | str = "auto",
+    checkpoint: bool | str = "auto",
+    batch_size: int | None = None,
 ) -> Plan:
     """Partition ``graph`` into stages on ``devices`` (stage k on ``devices[k]``).
+
+    ``training`` (default: whether ``graph`` is a training profile with backward costs,
+    `is_training_graph`) makes a training plan: the split,
+    ``schedule`` (``"auto"`` or one of gpipe, 1f1b, interleaved-1f1b, zero-bubble),
+    ``chunks`` (M; ``"auto"``, the default, tries a few that fit ``batch_size``),
+    ``virtual_stages`` and ``checkpoint`` (recomputation) of least simulated step time
+    under each device's memory (`partitioner.planner.training`, docs/planner.md). Without
+    it the plan is for inference, ``chunks`` is an integer (default 1) and the schedule
+    options are refused.
 
     ``objective="throughput"`` minimises the bottleneck stage cost, ties broken by
     fewer bytes; ``"balanced-cut"`` minimises bytes with every stage's compute
@@ -117,6 +133,17 @@ def solve(
     check_bandwidth(bandwidth, len(specs))
     name = _pick_solver(solver)
     _check_args(objective, imbalance, time_limit, gap)
+    train = is_training_graph(graph) if training is None else training
+    label = model or str(graph.graph.get("model", ""))
+    if train:  # [Note: training solve]: the throughput solve below on derived graphs
+        options = dict(schedule=schedule, chunks=chunks, virtual_stages=virtual_stages)
+        options.update(checkpoint=checkpoint, batch_size=batch_size)
+        sub = dict(solver=name, gap=gap, coarsen=coarsen, training=False)
+        run = Run(
+            solve, sub, objective, time_limit, gap, t0, dict(signature=signature, model=label)
+        )
+        return train_plan(graph, specs, bandwidth, run, options)
+    chunks = inference_chunks(chunks, schedule, virtual_stages, checkpoint, batch_size)
     check_memory(graph, specs)
     g = index_graph(graph)
     kw: dict[str, Any] = dict(
@@ -124,7 +151,7 @@ def solve(
         objective=objective,
         chunks=chunks,
         signature=signature,
-        model=model or str(graph.graph.get("model", "")),
+        model=label,
     )
     if objective == "balanced-cut":
         from partitioner.planner.balanced import solve_balanced

@@ -1,0 +1,74 @@
+"""Local moves on the simulated step: the last phase of a training solve.
+
+The derived problem minimises the forward-and-backward bottleneck ([Note: training solve]),
+a proxy: the step also depends on how forward and backward split within each stage, on
+the schedule's order and on the transfers. So the best few candidates' splits are polished
+on the step itself: a node moves to the stage before or after its own when no edge then
+goes backwards and no stage is emptied, and a move is kept when the simulated step
+shrinks and every device's peak still fits (first improvement, until no move helps or the
+time is up). On random connected graphs of <= 7 nodes, 2-3 devices and 4 micro-batches it
+took the plans that match a brute force's optimum from 78% to 88%, and their mean excess
+step from 0.9% to 0.4% (docs/planner.md, "Training plans").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import networkx as nx
+
+from partitioner.planner.heuristics import topo_order
+from partitioner.planner.trainplan import Scored, rank, rescore
+
+__all__ = ["POLISHED", "polish", "polish_best"]
+
+#: how many of the best candidates (distinct splits) are polished
+POLISHED = 3
+
+
+def polish_best(scored: Sequence[Scored], deadline: float) -> list[Scored]:
+    """``scored`` with its `POLISHED` best fitting candidates polished, sharing the time
+    until ``deadline`` (perf_counter seconds)."""
+    fitting = sorted((s for s in scored if s.fits), key=rank)[:POLISHED]
+    out = [s for s in scored if not any(s is f for f in fitting)]
+    for i, s in enumerate(fitting):
+        share = (deadline - time.perf_counter()) / (len(fitting) - i)
+        out.append(polish(s, time.perf_counter() + share) if share > 0 else s)
+    return out
+
+
+def polish(s: Scored, deadline: float) -> Scored:
+    """``s`` after the single-node moves that shorten its simulated step (see the module)."""
+    graph = s.graph
+    stages = len(s.figures.forward.stages)
+    order = topo_order(graph)
+    a = dict(s.assignment)
+    size = [0] * stages
+    for k in a.values():
+        size[k] += 1
+    best, moved = s, True
+    while moved and time.perf_counter() < deadline:
+        moved = False
+        for v in order:
+            k = a[v]
+            for t in (k - 1, k + 1):
+                if not 0 <= t < stages or size[k] == 1 or not _can_move(graph, a, v, t):
+                    continue
+                a[v] = t
+                found = rescore(best, a)
+                if found is not None and found.fits and found.step_time < best.step_time:
+                    best, moved = found, True
+                    size[k], size[t] = size[k] - 1, size[t] + 1
+                    break
+                a[v] = k
+            if time.perf_counter() >= deadline:
+                break
+    return best
+
+
+def _can_move(graph: nx.DiGraph, a: dict[str, int], v: str, t: int) -> bool:
+    """Whether node v may go to stage t (next to its own) with no edge going backwards."""
+    if t > a[v]:
+        return all(a[w] >= t for w in graph.successors(v))
+    return all(a[u] <= t for u in graph.predecessors(v))
