@@ -16,6 +16,7 @@ from partitioner.capture.batching import check_batch_independence
 from partitioner.capture.checks import batch_size
 from partitioner.capture.tracer import input_signature, trace
 from partitioner.devices import MemoryLike, resolve_devices, torch_device
+from partitioner.planner.candidates import training_choice
 from partitioner.planner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec
 from partitioner.planner.plan import Plan
 from partitioner.planner.solver import solve
@@ -83,6 +84,8 @@ class Options:
     trace_mode: str = "auto"
     leaf_modules: tuple[Any, ...] = ()
     cost: str = "time"
+    schedule: str | None = None  # train_step's; None: GPipe or 1F1B, one stage per device
+    checkpoint: bool = False  # whether the runtime recomputes (ModelSplitter's checkpoint)
 
 
 def trace_profile_solve(
@@ -122,6 +125,7 @@ def trace_profile_solve(
         chunks=chunks,
         signature=input_signature(tuple(args), dict(kwargs)),
         model=type(model).__name__,
+        **training_choice(graph, opts.schedule, opts.checkpoint),
     )
     log.info(
         "trace %.2fs, profile %.2fs, solve %.2fs (%s, %s, gap %.2f%%)",

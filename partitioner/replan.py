@@ -160,6 +160,7 @@ def replan_plan(
     opts: Any,
 ) -> Plan:
     """Solve ``graph`` again on the ``offered`` devices that are not in ``failed``."""
+    from partitioner.planner.candidates import training_choice
     from partitioner.planner.solver import solve
 
     alive = survivors(offered, failed)
@@ -182,6 +183,7 @@ def replan_plan(
             chunks=old.chunks,
             signature=old.signature,
             model=old.model,
+            **training_choice(graph, opts.schedule, opts.checkpoint),
         )
     except InfeasiblePlanError as exc:
         names = ", ".join(s.name for s in alive)

@@ -37,7 +37,7 @@ from partitioner.planner.plan import Plan, default_chunks
 from partitioner.replan import HostCopy, survivors, timed_replan
 from partitioner.splitting.cut import split
 from partitioner.splitting.retarget import place
-from runtime.pipeline import Pipeline
+from runtime.pipeline import Pipeline, schedule_options
 from runtime.recovery.resume import last_recovery
 
 __all__ = ["ModelSplitter", "auto_partition", "resolve_devices"]
@@ -109,6 +109,7 @@ class ModelSplitter(nn.Module):
         plan: Plan | None = None,
         backward: str = "autograd",
         deferred_batch_norm: bool = False,
+        schedule: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -122,6 +123,7 @@ class ModelSplitter(nn.Module):
         check_available([s.name for s in specs])
         if plan is not None:
             plan = plan.on_devices(specs)  # run a saved plan on the devices given here
+        solving = (objective, bandwidth, solver, time_limit, gap, 0.05, trace_mode)  # imbalance
         # Kept out of nn.Module's registries: the model is not a submodule of its own split.
         self.__dict__.update(
             _model=model,
@@ -129,17 +131,7 @@ class ModelSplitter(nn.Module):
             _offered=list(specs),
             _generation=0,
             _source=weight_source(on_failure, recovery, state_dict_path),
-            _opts=Options(
-                objective,
-                bandwidth,
-                solver,
-                time_limit,
-                gap,
-                0.05,
-                trace_mode,
-                tuple(leaf_modules),
-                cost,
-            ),
+            _opts=Options(*solving, tuple(leaf_modules), cost, schedule, checkpoint != "never"),
             _cache={},
             _current=None,
             _given_plan=plan,
@@ -152,6 +144,7 @@ class ModelSplitter(nn.Module):
         self.reducer = reducer
         self.backward = backward
         self.deferred_batch_norm = deferred_batch_norm
+        self.schedule = schedule  # train_step's; None: the plan's ([Note: training step])
         self.on_failure = on_failure
         self.stage_timeout = stage_timeout
         self.recovery = recovery
@@ -214,11 +207,11 @@ class ModelSplitter(nn.Module):
 
     @property
     def devices(self) -> list[str]:
-        """Devices of the used stages (after planning), else the devices offered."""
+        """The devices the plan uses, each once (after planning), else the devices offered."""
         current = self.__dict__["_current"]
         if current is None:
             return [s.name for s in self.__dict__["_specs"]]
-        return list(current.plan.devices)
+        return list(current.plan.device_names)
 
     @property
     def pipeline(self) -> Any:
@@ -243,6 +236,11 @@ class ModelSplitter(nn.Module):
             if record is not None:
                 self.recoveries.append(record)
         return output
+
+    def train_step(self, *args: Any, target: Any, loss_fn: Any, **kwargs: Any) -> torch.Tensor:
+        """One training step on this call's plan: `runtime.Pipeline.train_step`."""
+        pipe = self._compiled(args, kwargs).pipeline
+        return pipe.train_step(*args, target=target, loss_fn=loss_fn, **kwargs)
 
     def _compiled(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Compiled:
         with self.__dict__["_lock"]:
@@ -329,6 +327,7 @@ class ModelSplitter(nn.Module):
             backward=self.backward,
             deferred_batch_norm=self.deferred_batch_norm,
             stage_timeout=self.stage_timeout,
+            **schedule_options(plan, self.schedule),
         )
         # the plan's names for runtime.recovery.faults.device_names ("cpu:3", not "cpu")
         pipeline.__dict__["device_names"] = list(plan.devices)

@@ -16,8 +16,8 @@ run one after another. With ``backward="pipelined"`` (CPU stages only):
   reverse clock cycles (`runtime.schedule.backward_cycles`): stage j works on micro-batch
   i while stage j + 1 works on micro-batch i + 1. Gradients of a value read by several
   stages are summed before its producer runs, and parameter gradients over micro-batches
-  in the worker, in a tensor of the pipeline's own (`_accumulate`: autograd may hand back
-  one tensor for several gradients);
+  in the worker, in a tensor of the pipeline's own (`runtime.grads.accumulate`: autograd
+  may hand back one tensor for several gradients);
 - ``stage_timeout`` holds as in forward: a stage that sends no result for that long is a
   `StageError` wrapping `StageTimeout`, naming the stage and micro-batch, and its worker is
   left behind (it skips what is queued once it returns);
@@ -42,7 +42,16 @@ import torch
 import torch.utils._pytree as pytree
 from torch.autograd.function import once_differentiable
 
+from runtime.checks import BACKWARD_MODES
 from runtime.errors import StageError
+from runtime.grads import (
+    accumulate,
+    copied,
+    detached,
+    stage_parameters,
+    sum_stages,
+    wants_grad,
+)
 from runtime.microbatch import gather, tree_leaves
 from runtime.recovery.faults import StageTimeout
 from runtime.schedule import backward_cycles
@@ -60,25 +69,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MODES", "StageGraphs", "attach", "copied", "detached"]
 
-MODES = ("autograd", "pipelined")
-
-
-def _wants_grad(leaf: Any) -> bool:
-    return isinstance(leaf, torch.Tensor) and leaf.requires_grad
-
-
-def detached(value: Any) -> Any:
-    """``value`` with each tensor that requires grad replaced by a detached leaf that does."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().requires_grad_() if value.requires_grad else value
-    if not any(_wants_grad(leaf) for leaf in tree_leaves(value)):
-        return value
-    return pytree.tree_map(detached, value)
-
-
-def copied(value: Any) -> Any:
-    """``value`` with each tensor that requires grad cloned (differentiably)."""
-    return pytree.tree_map(lambda t: t.clone() if _wants_grad(t) else t, value)
+MODES = BACKWARD_MODES
 
 
 class StageGraphs:
@@ -102,16 +93,6 @@ class StageGraphs:
             ]
 
 
-def _stage_parameters(stage: torch.nn.Module) -> list[torch.Tensor]:
-    seen: set[int] = set()
-    params: list[torch.Tensor] = []
-    for p in stage.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-    return params
-
-
 def attach(
     pipe: Pipeline,
     graphs: StageGraphs,
@@ -130,11 +111,11 @@ def attach(
     # An output value may be a pytree (a plain stage returning a tuple): work leaf by leaf.
     flat = [pytree.tree_flatten(value) for value in gathered]
     diff = [
-        (k, idx) for k, (ls, _) in enumerate(flat) for idx, x in enumerate(ls) if _wants_grad(x)
+        (k, idx) for k, (ls, _) in enumerate(flat) for idx, x in enumerate(ls) if wants_grad(x)
     ]
     if not diff:
         return [pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, v) for v in gathered]
-    stage_params = [_stage_parameters(stage) for stage in pipe.stages]
+    stage_params = [stage_parameters(stage) for stage in pipe.stages]
     params: dict[int, torch.Tensor] = {}
     for group in stage_params:
         for p in group:
@@ -144,7 +125,7 @@ def attach(
         for i, env in enumerate(caller)
         for name, value in env.items()
         for k, leaf in enumerate(tree_leaves(value))
-        if _wants_grad(leaf)
+        if wants_grad(leaf)
     ]
     for i, env in enumerate(caller):
         graphs.record(i, list(env), list(env.values()))
@@ -198,7 +179,8 @@ class _State:
         self.pending: dict[tuple[int, str], list[torch.Tensor | None]] = {}
         # stage_grads[j][id(p)]: parameter p's gradient summed over stage j's tasks so far
         self.stage_grads: list[dict[int, torch.Tensor]] = [{} for _ in stage_params]
-        # owned[j]: the keys of stage_grads[j] whose tensor the pipeline made (see _accumulate)
+        # owned[j]: the keys of stage_grads[j] whose tensor the pipeline made
+        # (runtime.grads.accumulate)
         self.owned: list[set[int]] = [set() for _ in stage_params]
         # wrt[(i, j)]: the input leaves task (i, j) differentiates, as (name, leaf index, leaf)
         self.wrt: dict[tuple[int, int], list[tuple[str, int, torch.Tensor]]] = {}
@@ -223,7 +205,7 @@ class _State:
             for i, piece in enumerate(self.ends)
             for k, value in enumerate(piece)
             for idx, leaf in enumerate(tree_leaves(value))
-            if _wants_grad(leaf)
+            if wants_grad(leaf)
         ]
         per_mb: Sequence[torch.Tensor | None] = [None] * len(flat)
         if used:
@@ -243,7 +225,7 @@ class _State:
         # 2. The stages' backward in reverse clock cycles, one worker per stage.
         self._run_stages()
         # 3. Gradients of the Function's inputs: parameters, then the caller's slices.
-        param_grads = self._param_grads()
+        param_grads, _ = sum_stages(self.stage_grads, self.stage_params)
         self.stage_grads = []
         out: list[torch.Tensor | None] = [param_grads.get(id(p)) for p in self.params]
         for i, name, k, _ in self.slices:
@@ -311,7 +293,7 @@ class _State:
             if got is None:
                 continue
             for leaf, g in zip(tree_leaves(value), got, strict=True):
-                if g is not None and _wants_grad(leaf):
+                if g is not None and wants_grad(leaf):
                     tensors.append(leaf)
                     grads.append(g)
         inputs = self.graphs.inputs[i][j]
@@ -319,7 +301,7 @@ class _State:
             (name, k, leaf)
             for name, value in zip(route.stage_inputs[j], inputs, strict=True)
             for k, leaf in enumerate(tree_leaves(value))
-            if _wants_grad(leaf) and leaf.grad_fn is None
+            if wants_grad(leaf) and leaf.grad_fn is None
         ]
         params = self.stage_params[j]
         self.graphs.outputs[i][j] = ()
@@ -336,7 +318,7 @@ class _State:
                 got = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
             for p, g in zip(params, got[len(wrt_inputs) :], strict=True):
                 if g is not None:
-                    _accumulate(sums, owned, id(p), g)
+                    accumulate(sums, owned, id(p), g)
             return list(got[: len(wrt_inputs)])
 
         self.wrt[(i, j)] = wrt_inputs
@@ -355,37 +337,3 @@ class _State:
                 src = layout[k]
                 grads[k] = g if src is None or g.device == src else g.to(src)
             self.add(i, name, grads)
-
-    def _param_grads(self) -> dict[int, torch.Tensor]:
-        """Each parameter's gradient: its stage's sum, or the stages' (a tied weight)."""
-        total: dict[int, torch.Tensor] = {}
-        where = {id(p): p for group in self.stage_params for p in group}
-        for sums in self.stage_grads:
-            for key, g in sums.items():
-                device = where[key].device
-                g = g if g.device == device else g.to(device)
-                total[key] = g if key not in total else total[key] + g
-        return total
-
-
-def _accumulate(sums: dict[int, torch.Tensor], owned: set[int], key: int, g: torch.Tensor) -> None:
-    """Add ``g`` to ``sums[key]``, in place once the sum is a tensor of our own.
-
-    Stage j's tasks run one at a time in its worker, so the sum over micro-batches can
-    grow in place rather than allocate (and page-fault) a parameter-sized tensor per
-    micro-batch. But the tensors ``autograd.grad`` returns are not ours to write: with
-    one-row micro-batches a broadcast parameter's gradient is the very tensor of its
-    consumer's gradient (``h + pos``, ``cls.expand(1, ...)``), or a view of it through
-    ``cat``, so it is shared with another parameter's gradient, with the input gradient
-    the previous stage is reading at that moment, or with the caller's output gradient.
-    So the first micro-batch's gradient is kept as it is, never written, and the second
-    makes a fresh sum (``have + g``) that later micro-batches add to in place.
-    """
-    have = sums.get(key)
-    if have is None:
-        sums[key] = g
-    elif key in owned:
-        have.add_(g)
-    else:
-        sums[key] = have + g
-        owned.add(key)

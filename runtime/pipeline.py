@@ -15,15 +15,18 @@ from torch import nn
 from runtime import backward as _backward
 from runtime.batchnorm import DeferredBatchNorm
 from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed, rng_locks
+from runtime.checks import DeviceLike, check_args, check_schedule_option, parse_device
 from runtime.errors import StageError
+from runtime.grads import copied, detached
 from runtime.interface import Const
-from runtime.microbatch import REDUCERS, Reducer, gather, scatter
+from runtime.microbatch import Reducer, gather, scatter
 from runtime.mutation import mutated_inputs
 from runtime.recovery.faults import StageTimeout
 from runtime.recovery.watch import gate
 from runtime.route import route_for
 from runtime.schedule import clock_cycles
-from runtime.stream import Event, as_device, new_stream, record_event
+from runtime.stream import Event, new_stream, record_event
+from runtime.training import LossFn, TrainRecord, schedule_options, train_step
 from runtime.transfer import Transfer
 from runtime.worker import (
     InQueue,
@@ -37,11 +40,10 @@ from runtime.worker import (
 )
 from runtime.worker import stage_threads as _stage_threads
 
-__all__ = ["Pipeline", "RunRecord"]
+__all__ = ["Pipeline", "RunRecord", "TrainRecord", "schedule_options"]
 
 log = logging.getLogger(__name__)
 
-DeviceLike = str | torch.device
 # Called with (the pipeline that failed, a `runtime.recovery.resume.Failure`); returns the pipeline
 # that replaces it. See `runtime.recovery.resume`.
 Replan = Callable[[Any, Any], Any]
@@ -66,18 +68,6 @@ class RunRecord:
 
 #: `Pipeline.run_call`'s "the pipeline's own reducer" (None is a reducer choice too)
 _SAME: Any = object()
-
-
-def _device(device: DeviceLike) -> torch.device:
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        # The planner's abstract names ("dev:0" for devices=4) become CPU workers.
-        log.info("device %r is not a torch device: it runs as a CPU worker", device)
-        return torch.device("cpu")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} needs CUDA, which is not available here")
-    return as_device(parsed)
 
 
 class Pipeline(nn.Module):
@@ -108,6 +98,10 @@ class Pipeline(nn.Module):
     ``deferred_batch_norm=True`` updates the running statistics of BatchNorm layers once per
     call, with the whole batch's statistics, instead of once per micro-batch
     ([Note: deferred batch norm] in `runtime.batchnorm`).
+
+    ``schedule`` ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble") and ``virtual_stages``
+    V are `train_step`'s defaults: with V > 1 the stages are K * V, stage s on the device of
+    stage s % K (``devices`` repeat). A plain call runs GPipe's forward whatever they are.
     """
 
     def __init__(
@@ -125,18 +119,20 @@ class Pipeline(nn.Module):
         stage_timeout: float | None = None,
         backward: str = "autograd",
         deferred_batch_norm: bool = False,
+        schedule: str = "gpipe",
+        virtual_stages: int = 1,
     ) -> None:
         super().__init__()
-        self.devices = [_device(d) for d in devices]
-        _check_args(stages, self.devices, chunks, reducer, on_failure, stage_timeout, backward)
+        self.devices = [parse_device(d) for d in devices]
+        check_args(stages, self.devices, chunks, reducer, on_failure, stage_timeout, backward)
+        self.num_workers = check_schedule_option(schedule, virtual_stages, self.devices)
+        self.schedule, self.virtual_stages = schedule, virtual_stages
         self.stages = nn.ModuleList(stages)
         self.backward = backward
         # BatchNorm running statistics: once per call ([Note: deferred batch norm]).
         self._deferred = DeferredBatchNorm(stages) if deferred_batch_norm else None
-        # Inputs each stage mutates in place: the pipelined backward hands it a private copy.
-        self._mutated = [
-            mutated_inputs(stage) if backward == "pipelined" else frozenset() for stage in stages
-        ]
+        # Inputs each stage mutates in place: a per-task backward hands it a private copy.
+        self._mutated = [mutated_inputs(stage) for stage in stages]
         self.chunks = chunks
         self.checkpoint = checkpoint
         self.reducer = reducer
@@ -146,6 +142,7 @@ class Pipeline(nn.Module):
         self.replan = replan
         self.stage_timeout = stage_timeout
         self.last_run: RunRecord | None = None
+        self.last_step: TrainRecord | None = None
         self._stops = checkpoint_stops(checkpoint, len(stages))
         self._route = route_for(stages)
         self._free = self._route.free_after()
@@ -221,6 +218,33 @@ class Pipeline(nn.Module):
             leaves = gather(pieces, sizes, reducer)
         return self._route.unflatten(_put_consts(leaves, self._route.output_leaves)), record
 
+    def train_step(
+        self,
+        *args: Any,
+        target: Any,
+        loss_fn: LossFn,
+        schedule: str | None = None,
+        virtual_stages: int | None = None,
+        loss_reduction: str = "mean",
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """One training step: forward, ``loss_fn(output, target)`` and backward of every
+        micro-batch, each device's actions in the order of ``schedule`` (default: the
+        pipeline's) on that device's worker, ``target`` scattered like the inputs.
+        Parameter gradients are added to ``.grad`` as ``loss_fn(model(*args, **kwargs),
+        target).backward()`` would; returns the step's loss, detached ([Note: training
+        step] in `runtime.executor`, [Note: loss weighting] in `runtime.training`)."""
+        return train_step(
+            self,
+            args,
+            kwargs,
+            target=target,
+            loss_fn=loss_fn,
+            schedule=schedule,
+            virtual_stages=virtual_stages,
+            loss_reduction=loss_reduction,
+        )
+
     def extra_repr(self) -> str:
         devices = ", ".join(str(d) for d in self.devices)
         return f"devices=[{devices}], chunks={self.chunks}, checkpoint={self.checkpoint!r}"
@@ -284,12 +308,12 @@ class _Run:
             for name in names
         ]
         if self.graphs is not None:
-            leaves = [_backward.detached(v) for v in values]
+            leaves = [detached(v) for v in values]
             self.graphs.inputs[i][j] = tuple(leaves)
             # autograd forbids changing a leaf in place: a stage that mutates an input
             # gets a copy, whose gradient flows back to the leaf.
             mutated = pipe._mutated[j]
-            values = [_backward.copied(v) if k in mutated else v for k, v in enumerate(leaves)]
+            values = [copied(v) if k in mutated else v for k, v in enumerate(leaves)]
         stage, call, stream = self.stage_list[j], self.route.calls[j], pipe._streams[j]
         keep = i >= self.stops[j]
 
@@ -359,42 +383,3 @@ class _Run:
                 producer = self.producer[leaf]
                 values.append(self.pipe._transfer.to_caller(value, producer, i, self.events))
         return values
-
-
-def _check_args(
-    stages: Sequence[nn.Module],
-    devices: Sequence[torch.device],
-    chunks: int,
-    reducer: Reducer | None,
-    on_failure: str,
-    stage_timeout: float | None,
-    backward: str,
-) -> None:
-    """Pipeline's options, checked before any thread or stream is made."""
-    if len(stages) == 0:
-        raise ValueError("a pipeline needs at least one stage (got none)")
-    if len(devices) != len(stages):
-        raise ValueError(f"one device per stage ({len(devices)} devices, {len(stages)} stages)")
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"chunks must be a positive integer ({chunks!r})")
-    if reducer is not None and not callable(reducer) and reducer not in REDUCERS:
-        raise ValueError(f"reducer must be 'mean', 'sum' or a callable ({reducer!r})")
-    if on_failure not in ("raise", "replan"):
-        raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
-    if stage_timeout is not None and not stage_timeout > 0:
-        raise ValueError(f"stage_timeout must be positive seconds ({stage_timeout!r})")
-    if backward not in _backward.MODES:
-        raise ValueError(f"backward must be 'autograd' or 'pipelined' (got {backward!r})")
-    if backward == "pipelined":
-        others = sorted({str(d) for d in devices if d.type != "cpu"})
-        if others:
-            raise ValueError(
-                f"backward='pipelined' runs on CPU stages only (got {', '.join(others)}); "
-                f"on GPUs autograd already runs each device's backward on its own thread: "
-                f"use backward='autograd'"
-            )
-        if on_failure == "replan":
-            raise ValueError(
-                "backward='pipelined' cannot re-run lost micro-batches "
-                "(on_failure='replan'): use backward='autograd' with it"
-            )

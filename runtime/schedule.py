@@ -3,10 +3,10 @@
 `clock_cycles` and `backward_cycles` are the forward and backward clock cycles of the
 threaded pipeline (`runtime.pipeline`, `runtime.backward`), `format_schedule` prints them.
 The training schedules (``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zero-bubble``: `Action`,
-`actions`, `format_grid`, `SCHEDULES`; docs/schedules.md) live in the torch-free planner
-core, `partitioner.planner.schedules`, so that `partitioner.planner.simulation` can time them;
-they are re-exported here, loaded on first use so that ``import runtime`` does not load the
-planner.
+`actions`, `check_schedule`, `format_grid`, `SCHEDULES`; docs/schedules.md), which
+`Pipeline.train_step` runs, live in the torch-free planner core,
+`partitioner.planner.schedules`, so that `partitioner.planner.simulation` can time them; they
+are re-exported here, loaded on first use so that ``import runtime`` does not load the planner.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from partitioner.planner.schedules import SCHEDULES, Action, actions, format_grid
+    from partitioner.planner.schedules import (
+        SCHEDULES,
+        Action,
+        actions,
+        check_schedule,
+        format_grid,
+    )
 
 __all__ = [
     "SCHEDULES",
@@ -24,12 +30,13 @@ __all__ = [
     "action",
     "actions",
     "backward_cycles",
+    "check_schedule",
     "clock_cycles",
     "format_grid",
     "format_schedule",
 ]
 
-_PLANNED = ("SCHEDULES", "Action", "actions", "format_grid")
+_PLANNED = ("SCHEDULES", "Action", "actions", "check_schedule", "format_grid")
 
 
 def __getattr__(name: str) -> Any:

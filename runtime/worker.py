@@ -46,6 +46,8 @@ class Task:
     compute: Callable[[], Any]
     #: intra-op threads for this task (None: keep the worker's count); see cycle_threads
     threads: int | None = None
+    #: what the task does to (i, j): "F"orward, "B"ackward or "W"eight-grad (a schedule's action)
+    kind: str = "F"
 
 
 # A result is (ok, (task, payload)): the task's output when ok, else the exception it raised,
@@ -145,8 +147,10 @@ def spawn_workers(
     hook: TaskHook | None = None,
     name: str = "modelsplit",
     join_timeout: float | None = None,
+    unit: str = "stage",
 ) -> Iterator[tuple[list[InQueue], OutQueue, threading.Event]]:
     """Start one daemon worker per spec; yield (in-queues, the shared out-queue, stop flag).
+    Worker j is the thread ``{name}-{unit}{j}-{device}``.
 
     Whatever happens inside, the ``finally`` sets the stop flag, sends None to every worker
     and joins them all, so no worker outlives the block. With ``join_timeout``, a worker
@@ -163,7 +167,7 @@ def spawn_workers(
             thread = threading.Thread(
                 target=worker,
                 args=(in_queue, out_queue, spec, state, stop, hook),
-                name=f"{name}-stage{j}-{spec.device}",
+                name=f"{name}-{unit}{j}-{spec.device}",
                 daemon=True,
             )
             thread.start()

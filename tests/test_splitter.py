@@ -249,11 +249,18 @@ def test_memory_errors_are_in_human_units_with_a_fix() -> None:
 
     with pytest.raises(InfeasiblePlanError) as info:
         ModelSplitter(
-            MyModel(), num_devices=2, memory="100KB", example_inputs=(torch.randn(8, 64),)
+            MyModel().eval(), num_devices=2, memory="100KB", example_inputs=(torch.randn(8, 64),)
         )
     message = str(info.value)
     assert "100 KB at most on one device" in message and " bytes" not in message
     assert "raise the memory limits" in message and "add devices" in message
+    with pytest.raises(InfeasiblePlanError) as info:  # in training: the schedules' memory
+        ModelSplitter(
+            MyModel(), num_devices=2, memory="100KB", example_inputs=(torch.randn(8, 64),)
+        )
+    message = str(info.value)
+    assert "over the 200 KB the devices offer" in message and " bytes" not in message
+    assert 'ModelSplitter(checkpoint="always")' in message and "add devices" in message
 
 
 def test_a_plan_from_solve_with_abstract_devices_runs_on_cpu_workers() -> None:
@@ -337,7 +344,7 @@ def test_a_drill_still_fires_after_a_mode_switch() -> None:
 
 
 def test_a_plan_that_left_a_device_unused_runs_on_the_list_it_was_made_from() -> None:
-    model, x = MyModel(), torch.randn(8, 64)
+    model, x = MyModel().eval(), torch.randn(8, 64)  # in training, 1 micro-batch: 1 stage
     devices = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
     plan = auto_partition(model, (x,), devices=["cpu:1", "cpu:3"])  # as if two were left
     assert plan.num_stages == 2
