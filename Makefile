@@ -55,7 +55,7 @@ clean:
 # `make zoo ZOO_ARGS=--quick` runs the CI-sized subset.
 ZOO_VENV ?= .venv-zoo
 
-.PHONY: zoo
+.PHONY: zoo zoo-setup
 $(ZOO_VENV)/.zoo-ready:
 	@echo "zoo: creating $(ZOO_VENV) with $(PY)"
 	@$(PY) -m venv $(ZOO_VENV)
@@ -70,5 +70,8 @@ $(ZOO_VENV)/.zoo-ready:
 	@$(ZOO_VENV)/bin/python -c "import torch, torchvision, timm, transformers; print('zoo: torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
 	@touch $@
 
+zoo-setup: $(ZOO_VENV)/.zoo-ready
+
 zoo: $(ZOO_VENV)/.zoo-ready
 	nice -n 10 $(ZOO_VENV)/bin/python benchmarks/zoo.py $(ZOO_ARGS)
+
