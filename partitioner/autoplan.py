@@ -243,8 +243,16 @@ def check_options(
     state_dict_path: str | None,
     stage_timeout: float | None,
     backward: str,
+    schedule: str | None = None,
 ) -> None:
     """ModelSplitter's run options, checked before anything is traced."""
+    from partitioner.planner.schedules import SCHEDULES
+
+    if schedule is not None and schedule not in ("auto", *SCHEDULES):
+        raise ValueError(
+            f"schedule must be None (GPipe or 1F1B, one stage per device), 'auto' or one of "
+            f"{', '.join(SCHEDULES)} (got {schedule!r})"
+        )
     if chunks is not None and (isinstance(chunks, bool) or chunks < 1):
         raise ValueError(f"chunks must be a positive integer ({chunks} < 1)")
     if on_failure not in ("raise", "replan"):

@@ -51,12 +51,12 @@ class ModelSplitter(nn.Module):
     >>> splitter = ModelSplitter(model, num_devices=4)       # doctest: +SKIP
     >>> output = splitter(torch.randn(100, 64))              # doctest: +SKIP
 
-    Without ``example_inputs`` it plans on the first call. A later call whose
-    inputs differ only in batch size reuses that plan; another input structure
-    (shapes beyond dim 0, dtypes, keyword names, train/eval mode) is planned anew
-    and cached. The model's submodules, parameters and buffers are registered
-    under their original names, so ``named_parameters()`` and ``state_dict()``
-    match the model's and a checkpoint loads into either.
+    Without ``example_inputs`` it plans on the first call. A later call whose inputs differ
+    only in batch size reuses that plan; another input structure (shapes beyond dim 0,
+    dtypes, keyword names, train/eval mode) is planned anew and cached. The model's
+    submodules, parameters and buffers are registered under their original names, so
+    ``named_parameters()`` and ``state_dict()`` match the model's and a checkpoint loads
+    into either. ``schedule``: `train_step`'s ([Note: the splitter's training plan]).
 
     ``reducer`` ("mean", "sum" or a callable) combines outputs without a batch dimension,
     such as a Hugging Face loss computed from ``labels``: "mean" weights each micro-batch by
@@ -70,15 +70,14 @@ class ModelSplitter(nn.Module):
     the whole batch's statistics, as the unsplit model would, rather than once per
     micro-batch ([Note: deferred batch norm] in `runtime.batchnorm`).
 
-    ``on_failure="replan"`` survives a lost device mid-call: the plan is solved again on
-    the surviving devices from the cached CostGraph, the lost weights come back from
-    ``recovery`` ("host-copy": a CPU copy of accelerator-resident weights; "state-dict": the
-    file at ``state_dict_path``), the micro-batches that did not complete run again, and
-    later calls use the new plan ([Note: re-planning] in `partitioner.replan`,
-    [Note: resuming a call] in `runtime.recovery.resume`). ``stage_timeout`` (seconds) counts a
-    worker that sends nothing for that long as a failed device. ``failed_devices`` lists
-    the devices lost so far, ``recoveries`` what each recovered call went through, and
-    `revive` puts repaired devices back.
+    ``on_failure="replan"`` survives a lost device mid-call: the plan is solved again on the
+    surviving devices from the cached CostGraph, the lost weights come back from ``recovery``
+    ("host-copy": a CPU copy of accelerator-resident weights; "state-dict": the file at
+    ``state_dict_path``), the micro-batches that did not complete run again, and later calls use
+    the new plan ([Note: re-planning] in `partitioner.replan`, [Note: resuming a call] in
+    `runtime.recovery.resume`). ``stage_timeout`` (seconds) counts a worker that sends nothing for
+    that long as a failed device. ``failed_devices`` lists the devices lost so far, ``recoveries``
+    what each recovered call went through, and `revive` puts repaired devices back.
     """
 
     def __init__(
@@ -114,7 +113,9 @@ class ModelSplitter(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
-        check_options(chunks, on_failure, recovery, state_dict_path, stage_timeout, backward)
+        check_options(
+            chunks, on_failure, recovery, state_dict_path, stage_timeout, backward, schedule
+        )
         if plan is not None and devices is None and num_devices is None:
             devices = list(plan.device_specs)
         if devices is None and num_devices is None:
@@ -327,7 +328,7 @@ class ModelSplitter(nn.Module):
             backward=self.backward,
             deferred_batch_norm=self.deferred_batch_norm,
             stage_timeout=self.stage_timeout,
-            **schedule_options(plan, self.schedule),
+            **schedule_options(plan, None if self.schedule == "auto" else self.schedule),
         )
         # the plan's names for runtime.recovery.faults.device_names ("cpu:3", not "cpu")
         pipeline.__dict__["device_names"] = list(plan.devices)

@@ -553,8 +553,8 @@ def test_batch_norm_statistics_as_in_a_pipeline_call(deferred: bool) -> None:
 # -- ModelSplitter ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zero-bubble"])
-def test_model_splitter_train_step(schedule: str) -> None:
+@pytest.mark.parametrize("schedule", ["1f1b", "zero-bubble", "interleaved-1f1b", "auto", None])
+def test_model_splitter_train_step(schedule: str | None) -> None:
     from partitioner import ModelSplitter
 
     torch.manual_seed(0)
@@ -565,6 +565,19 @@ def test_model_splitter_train_step(schedule: str) -> None:
     reference, want = _unsplit(model, F.mse_loss, target, x)
     splitter = ModelSplitter(model, devices=["cpu:0", "cpu:1"], chunks=4, schedule=schedule)
     loss = splitter.train_step(x, target=target, loss_fn=F.mse_loss)
-    assert splitter.pipeline.schedule == schedule
+    # "auto" and None run the plan's schedule; None plans GPipe or 1F1B, one stage per device
+    assert splitter.pipeline.schedule == (
+        splitter.plan.schedule if schedule in (None, "auto") else schedule
+    )
+    if schedule is None:
+        assert splitter.plan.schedule in ("gpipe", "1f1b") and splitter.plan.virtual_stages == 1
+    assert splitter.devices == ["cpu:0", "cpu:1"]  # each device once, with virtual stages too
     torch.testing.assert_close(loss, want)
     _assert_same_grads(model, reference)
+
+
+def test_model_splitter_refuses_an_unknown_schedule_before_tracing() -> None:
+    from partitioner import ModelSplitter
+
+    with pytest.raises(ValueError, match=r"schedule must be None .* \(got '1F1B'\)"):
+        ModelSplitter(nn.Linear(2, 2), devices=["cpu:0", "cpu:1"], schedule="1F1B")
