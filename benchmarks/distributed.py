@@ -8,7 +8,8 @@ in this process) and `runtime.distributed` under torchrun (two gloo processes
 on 127.0.0.1). Prints a Markdown table of samples/s (medians of ``--repeats``
 alternating rounds) and the ratio distributed / threaded, forward and training step;
 training with both of the threaded runtime's backward modes (autograd on the calling
-thread, and ``backward="pipelined"``: each stage's backward in its own worker).
+thread, and ``backward="pipelined"``: each stage's backward in its own worker) and with
+`Pipeline.train_step` under GPipe and 1F1B, against the distributed backend's same schedule.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ from runtime.distributed import split_for_ranks  # noqa: E402
 
 
 def threaded(
-    args: argparse.Namespace, plan: Plan, train: bool, backward: str = "autograd"
+    args: argparse.Namespace,
+    plan: Plan,
+    train: bool,
+    backward: str = "autograd",
+    schedule: str | None = None,
 ) -> float:
-    """samples/s of runtime.Pipeline over the plan's stages (one thread each)."""
+    """samples/s of runtime.Pipeline over the plan's stages (one thread each); with a
+    ``schedule``, training steps through `Pipeline.train_step`."""
     torch.manual_seed(0)
     model = mlp(width=args.width, depth=args.depth).eval()
     x = torch.randn(args.batch, args.width)
@@ -51,7 +57,11 @@ def threaded(
     target = torch.randn(args.batch, args.width)
 
     def step() -> None:
-        if train:
+        if schedule is not None:
+            for p in model.parameters():
+                p.grad = None
+            pipe.train_step(x, target=target, loss_fn=nn.functional.mse_loss, schedule=schedule)
+        elif train:
             for p in model.parameters():
                 p.grad = None
             nn.functional.mse_loss(pipe(x), target).backward()
@@ -66,7 +76,9 @@ def threaded(
     return args.iters * args.batch / (time.perf_counter() - t0)
 
 
-def distributed(args: argparse.Namespace, plan_path: str, train: bool) -> float:
+def distributed(
+    args: argparse.Namespace, plan_path: str, train: bool, schedule: str = "gpipe"
+) -> float:
     """samples/s of runtime.distributed, 2 gloo ranks on 127.0.0.1 (one thread each)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +92,7 @@ def distributed(args: argparse.Namespace, plan_path: str, train: bool) -> float:
         "examples/models.py:mlp", "--factory-kwargs",
         f'{{"width": {args.width}, "depth": {args.depth}}}', "--plan", plan_path,
         "--input-shape", f"{args.batch},{args.width}", "--chunks", str(args.chunks),
-        "--iters", str(args.iters), *(["--train"] if train else []),
+        "--iters", str(args.iters), *(["--train", "--schedule", schedule] if train else []),
     ]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     m = re.search(r"([0-9.]+) samples/s", res.stdout)
@@ -116,17 +128,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plan_path = os.path.join(tmp, "plan.json")
         plan.save(plan_path)
-        for train, backward in ((False, "autograd"), (True, "autograd"), (True, "pipelined")):
+        rows = [
+            ("forward", False, "autograd", None, "gpipe"),
+            ("forward + backward (GPipe), backward='autograd'", True, "autograd", None, "gpipe"),
+            ("forward + backward (GPipe), backward='pipelined'", True, "pipelined", None, "gpipe"),
+            ("train_step, schedule='gpipe'", True, "autograd", "gpipe", "gpipe"),
+            ("train_step, schedule='1f1b'", True, "autograd", "1f1b", "1f1b"),
+        ]
+        for name, train, backward, schedule, theirs in rows:
             # Alternate the two, several rounds, and keep the medians: a shared machine's
             # load drifts between runs.
             rounds = [
-                (threaded(args, plan, train, backward), distributed(args, plan_path, train))
+                (
+                    threaded(args, plan, train, backward, schedule),
+                    distributed(args, plan_path, train, theirs),
+                )
                 for _ in range(args.repeats)
             ]
             a = statistics.median(r[0] for r in rounds)
             b = statistics.median(r[1] for r in rounds)
             ratios = ", ".join(f"{d / t:.2f}" for t, d in rounds)
-            name = f"forward + backward (GPipe), backward={backward!r}" if train else "forward"
             print(f"| {name} | {a:.0f} | {b:.0f} | {b / a:.2f} ({ratios}) |", flush=True)
 
 
