@@ -44,6 +44,8 @@ bench: setup
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/distributed.py
+	$(BIN)/python benchmarks/step_prediction.py
+	$(BIN)/python benchmarks/backward_cost.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
