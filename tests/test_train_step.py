@@ -21,6 +21,7 @@ from runtime.checks import check_schedule_option
 from runtime.interface import Const, Program, StageIO
 from runtime.recovery.faults import StageTimeout
 from runtime.schedule import actions
+from tests.test_pipeline import S0  # its first stage: x -> (a, tanh(a), width)
 
 # (schedule, devices K, micro-batches M, virtual stages V, batch): M not a multiple of K
 # wherever torch's schedule allows it, and batches that do not split evenly.
@@ -113,16 +114,6 @@ def test_gradients_add_to_existing_grad_and_sum_reduction() -> None:
 # -- split stages: skip connections, values read by several stages, dict outputs ----------
 
 
-class _S0(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[Any, ...]:
-        a = self.lin(x) + bias
-        return a, torch.tanh(a), x.size(1)
-
-
 class _S1(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -153,7 +144,7 @@ class _S3(nn.Module):
 class _Whole(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.s0, self.s1, self.s2, self.s3 = _S0(), _S1(), _S2(), _S3()
+        self.s0, self.s1, self.s2, self.s3 = S0(), _S1(), _S2(), _S3()
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> dict[str, Any]:
         a, t, width = self.s0(x, bias)
