@@ -10,6 +10,11 @@ alternating rounds) and the ratio distributed / threaded, forward and training s
 training with both of the threaded runtime's backward modes (autograd on the calling
 thread, and ``backward="pipelined"``: each stage's backward in its own worker) and with
 `Pipeline.train_step` under GPipe and 1F1B, against the distributed backend's same schedule.
+
+A CPU `Pipeline` sets glibc's malloc to keep freed memory ([Note: CPU allocator] in
+runtime/allocator.py); the gloo ranks run with glibc's defaults, as a torchrun user's do, and
+in the last two rows with the same settings (glibc's MALLOC_* variables), for a like-for-like
+figure.
 """
 
 from __future__ import annotations
@@ -76,14 +81,29 @@ def threaded(
     return args.iters * args.batch / (time.perf_counter() - t0)
 
 
+#: glibc's settings for what the threaded runtime sets with mallopt ([Note: CPU allocator])
+KEEP_FREED = {
+    "MALLOC_TRIM_THRESHOLD_": "268435456",
+    "MALLOC_MMAP_THRESHOLD_": "268435456",
+    "MALLOC_ARENA_MAX": "1",
+}
+
+
 def distributed(
-    args: argparse.Namespace, plan_path: str, train: bool, schedule: str = "gpipe"
+    args: argparse.Namespace,
+    plan_path: str,
+    train: bool,
+    schedule: str = "gpipe",
+    keep_freed: bool = False,
 ) -> float:
-    """samples/s of runtime.distributed, 2 gloo ranks on 127.0.0.1 (one thread each)."""
+    """samples/s of runtime.distributed, 2 gloo ranks on 127.0.0.1 (one thread each); with
+    ``keep_freed``, under the malloc settings the threaded runtime gives itself."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if keep_freed:
+        env.update(KEEP_FREED)
     if os.path.exists("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [
@@ -129,19 +149,25 @@ def main() -> None:
         plan_path = os.path.join(tmp, "plan.json")
         plan.save(plan_path)
         rows = [
-            ("forward", False, "autograd", None, "gpipe"),
-            ("forward + backward (GPipe), backward='autograd'", True, "autograd", None, "gpipe"),
-            ("forward + backward (GPipe), backward='pipelined'", True, "pipelined", None, "gpipe"),
-            ("train_step, schedule='gpipe'", True, "autograd", "gpipe", "gpipe"),
-            ("train_step, schedule='1f1b'", True, "autograd", "1f1b", "1f1b"),
-        ]
-        for name, train, backward, schedule, theirs in rows:
+            ("forward", False, "autograd", None, "gpipe", False),
+            ("forward + backward (GPipe), backward='autograd'", True, "autograd", None, "gpipe",
+             False),
+            ("forward + backward (GPipe), backward='pipelined'", True, "pipelined", None,
+             "gpipe", False),
+            ("train_step, schedule='gpipe'", True, "autograd", "gpipe", "gpipe", False),
+            ("train_step, schedule='1f1b'", True, "autograd", "1f1b", "1f1b", False),
+            ("train_step, schedule='gpipe'; gloo ranks with the same malloc settings", True,
+             "autograd", "gpipe", "gpipe", True),
+            ("train_step, schedule='1f1b'; gloo ranks with the same malloc settings", True,
+             "autograd", "1f1b", "1f1b", True),
+        ]  # fmt: skip
+        for name, train, backward, schedule, theirs, keep in rows:
             # Alternate the two, several rounds, and keep the medians: a shared machine's
             # load drifts between runs.
             rounds = [
                 (
                     threaded(args, plan, train, backward, schedule),
-                    distributed(args, plan_path, train, theirs),
+                    distributed(args, plan_path, train, theirs, keep),
                 )
                 for _ in range(args.repeats)
             ]

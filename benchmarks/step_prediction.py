@@ -8,8 +8,9 @@ as a user's call does: a training profile (forward and measured backward time pe
 the intra-op threads each stage worker will get), then a training `solve` for that schedule
 and ``--chunks`` micro-batches, whose ``plan.step_time`` is the simulated step. Then
 `splitter.train_step` runs that plan ``--rounds`` times (after one warm-up step) and the
-median is the measured step. A row prints both and measured / predicted; the issue's target
-is within 25% (a ratio in 0.75 .. 1.25).
+median is the measured step; the fastest is shown too, as the profile keeps each node's
+fastest run (noise only adds time: [Note: timing on a busy machine]). A row prints them and
+their ratios to the prediction; the issue's target is within 25% (a ratio in 0.75 .. 1.25).
 
 What the simulation leaves out shows up as a ratio above 1: Python and queue overhead per
 action, the loss, scatter and gather, and the gradients' zeroing. On this shared 2-core
@@ -47,8 +48,11 @@ def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.float() - target).pow(2).mean()
 
 
-def measure(name: str, schedule: str, args: argparse.Namespace) -> tuple[float, float, str]:
-    """(predicted, measured) seconds per step and the plan's split, for one model x schedule."""
+def measure(
+    name: str, schedule: str, args: argparse.Namespace
+) -> tuple[float, list[float], str]:
+    """Predicted seconds per step, the measured steps and the plan's split, for one model x
+    schedule."""
     config, inputs, batch = CASES[name]
     torch.manual_seed(0)
     model = MODELS[name](**config).train()
@@ -76,7 +80,7 @@ def measure(name: str, schedule: str, args: argparse.Namespace) -> tuple[float, 
             splitter.train_step(x, target=target, loss_fn=loss_fn)
             times.append(time.perf_counter() - t0)
     split = " + ".join(str(s.nodes) for s in plan.stages)
-    return float(plan.step_time), statistics.median(times), f"{plan.num_stages} ({split} nodes)"
+    return float(plan.step_time), times, f"{plan.num_stages} ({split} nodes)"
 
 
 def main() -> None:
@@ -90,21 +94,29 @@ def main() -> None:
         f"torch {torch.__version__}, {args.devices} CPU workers, {args.chunks} micro-batches, "
         f"median of {args.rounds} steps\n"
     )
-    print("| model | schedule | stages | predicted (ms) | measured (ms) | measured / predicted |")
-    print("|---|---|---|---:|---:|---:|")
-    ratios = []
+    print(
+        "| model | schedule | stages | predicted (ms) | measured, median (ms) | median / "
+        "predicted | measured, fastest (ms) | fastest / predicted |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    ratios: dict[str, list[float]] = {"median": [], "fastest": []}
     for name in args.only or list(CASES):
         for schedule in SCHEDULES:
-            predicted, measured, stages = measure(name, schedule, args)
-            ratios.append(measured / predicted)
+            predicted, times, stages = measure(name, schedule, args)
+            median, fastest = statistics.median(times), min(times)
+            ratios["median"].append(median / predicted)
+            ratios["fastest"].append(fastest / predicted)
             print(
                 f"| {name} | {schedule} | {stages} | {1e3 * predicted:.1f} | "
-                f"{1e3 * measured:.1f} | {measured / predicted:.2f} |",
+                f"{1e3 * median:.1f} | {median / predicted:.2f} | {1e3 * fastest:.1f} | "
+                f"{fastest / predicted:.2f} |",
                 flush=True,
             )
-    inside = sum(0.75 <= r <= 1.25 for r in ratios)
-    print(f"\n{inside} of {len(ratios)} within 25%; geometric mean ratio "
-          f"{statistics.geometric_mean(ratios):.2f}")  # fmt: skip
+    print()
+    for how, rs in ratios.items():
+        inside = sum(0.75 <= r <= 1.25 for r in rs)
+        print(f"{how}: {inside} of {len(rs)} within 25%; geometric mean ratio "
+              f"{statistics.geometric_mean(rs):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """Training step on CPU stages: serial, call + backward, and train_step with each schedule.
 
     .venv/bin/python benchmarks/training.py [--batch 256 --chunks 4 --rounds 7]
-    MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_MMAP_THRESHOLD_=268435456 \\
-        .venv/bin/python benchmarks/training.py          # glibc keeps freed memory
+    MODELSPLIT_MALLOC=system .venv/bin/python benchmarks/training.py   # glibc's defaults
 
 An 8-layer, 1024-wide MLP (Linear + GELU) split 4 + 4 over two "cpu" stages with one
 intra-op thread each, mean-squared-error loss, ``--chunks`` micro-batches. Ways to run one
@@ -20,10 +19,10 @@ forward + backward + zeroed gradients:
 Rounds alternate the ways; medians are printed with the page faults per step and the peak
 heap: the most bytes malloc had handed out above the step's start (glibc's ``mallinfo2``, all
 arenas and mmapped blocks, sampled every millisecond in steps of their own, not timed; the
-gradients are freed before every step, so each step allocates them again). Memory the worker
-threads allocate comes from glibc's per-thread arenas, which return freed memory to the OS
-eagerly, so every step touches fresh pages: run it a second time with the MALLOC_* variables
-above to see what that costs.
+gradients are freed before every step, so each step allocates them again). A CPU `Pipeline`
+sets glibc's malloc to keep freed memory ([Note: CPU allocator] in runtime/allocator.py);
+with ``MODELSPLIT_MALLOC=system`` every step touches fresh pages, as before it did: run it
+both ways to see what that costs.
 """
 
 from __future__ import annotations

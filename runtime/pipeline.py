@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from runtime import backward as _backward
+from runtime.allocator import MALLOC_MODES, keep_freed_memory
 from runtime.batchnorm import DeferredBatchNorm
 from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed, rng_locks
 from runtime.checks import DeviceLike, check_args, check_schedule_option, parse_device
@@ -102,6 +103,11 @@ class Pipeline(nn.Module):
     ``schedule`` ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble") and ``virtual_stages``
     V are `train_step`'s defaults: with V > 1 the stages are K * V, stage s on the device of
     stage s % K (``devices`` repeat). A plain call runs GPipe's forward whatever they are.
+
+    ``malloc="keep"`` (default) sets glibc's malloc, once per process, to keep freed memory
+    for the next micro-batch rather than hand it back to the OS and page-fault it in again
+    ([Note: CPU allocator] in `runtime.allocator`); ``"system"`` (or the environment variable
+    ``MODELSPLIT_MALLOC=system``) leaves malloc as it is. Only pipelines with CPU stages do it.
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class Pipeline(nn.Module):
         deferred_batch_norm: bool = False,
         schedule: str = "gpipe",
         virtual_stages: int = 1,
+        malloc: str = "keep",
     ) -> None:
         super().__init__()
         self.devices = [parse_device(d) for d in devices]
@@ -151,6 +158,10 @@ class Pipeline(nn.Module):
         # Streams are made once, here, and reused by every call.
         self._streams = [new_stream(d) for d in self.devices]
         self._transfer = Transfer(self.devices, self._streams)
+        if malloc not in MALLOC_MODES:
+            raise ValueError(f"malloc must be one of {MALLOC_MODES} (got {malloc!r})")
+        if any(d.type == "cpu" for d in self.devices):  # [Note: CPU allocator]
+            keep_freed_memory(malloc)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Scatter the call into micro-batches, run them through the stages, gather."""

@@ -91,6 +91,42 @@ def test_time_dp_is_the_best_contiguous_split_by_time() -> None:
     assert plan.bottleneck == pytest.approx(best, rel=1e-6)
 
 
+def test_layer_dp_balances_forward_plus_backward_over_whole_layers() -> None:
+    # 5 layers of 2 nodes (module paths h.0 .. h.4); the backward makes layer 3 heavy
+    bwd = {"h3_a": 6.0}
+    g = nx.DiGraph()
+    prev = None
+    for i in range(5):
+        for part in "ab":
+            name = f"h{i}_{part}"
+            g.add_node(
+                name,
+                time=1.0,
+                bwd_time=bwd.get(name, 2.0),
+                param_bytes=0,
+                out_bytes=0,
+                act_bytes=0,
+                module=f"h.{i}.{part}",
+                order=len(g),
+            )
+            if prev:
+                g.add_edge(prev, name)
+            prev = name
+    layer = [6.0, 6.0, 6.0, 10.0, 6.0]  # forward + backward per layer
+    best = min(
+        max(sum(layer[a:b]) for a, b in zip((0, *cuts), (*cuts, 5), strict=True))
+        for cuts in itertools.combinations(range(1, 5), 2)
+    )
+    plan = baseline(g, 3, "layer-dp")
+    stage = plan.assignment
+    # whole layers: both nodes of a layer share a stage
+    assert all(stage[f"h{i}_a"] == stage[f"h{i}_b"] for i in range(5))
+    per_stage = [0.0] * plan.num_stages
+    for i in range(5):
+        per_stage[stage[f"h{i}_a"]] += layer[i]
+    assert max(per_stage) == pytest.approx(best)  # 16: layer 3's backward counts
+
+
 def test_heavy_lm_head_unbalances_uniform_and_parameters() -> None:
     g = transformer_graph(4, hidden=256, seq=64, vocab=16000, rate=1e12)
     plan = solve(g, 4, bandwidth=12e9, time_limit=10)

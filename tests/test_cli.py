@@ -250,6 +250,7 @@ def test_compare_lists_the_ilp_and_each_baseline(capsys: pytest.CaptureFixture[s
         "parameters",
         "greedy-memory",
         "time-dp",
+        "layer-dp",
     ]
     assert rows[0]["ratio"] == 1.0
     for row in rows[1:]:

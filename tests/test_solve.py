@@ -203,7 +203,7 @@ def test_plans_record_what_they_were_made_for() -> None:
     plan = solve(chain([1.0, 1.0]), 2, chunks=4, signature=[["x", [8, 4]]], model="M")
     assert (plan.chunks, plan.signature, plan.model) == (4, [["x", [8, 4]]], "M")
     assert plan.solve_time > 0
-    assert set(POLICIES) == {"uniform", "parameters", "greedy-memory", "time-dp"}
+    assert set(POLICIES) == {"uniform", "parameters", "greedy-memory", "time-dp", "layer-dp"}
 
 
 # -- the host process: a user's own HiGHS, stdout, isolated nodes ---------------------------

@@ -10,7 +10,15 @@ edge can go backwards) and returns a Plan with status ``"baseline"``:
 - ``"greedy-memory"``: fill devices in order up to their memory, like
   accelerate's ``device_map="auto"`` (everything on the first device when it fits);
 - ``"time-dp"``: the best contiguous split by compute time and device speed,
-  like torchgpipe's ``balance_by_time``.
+  like torchgpipe's ``balance_by_time``;
+- ``"layer-dp"``: layers (as for ``uniform``) balanced by forward + backward time
+  (``time + bwd_time``; forward alone on an inference profile), the schedule-aware
+  auto-partitioning of PyTorch pull request #179212 (from torchtitan #2113), ported from its
+  description: a DP over contiguous layer splits minimising the critical path of a 1F1B-like
+  schedule, ``sum_s c_s + (M - 1) max_s c_s`` with ``c_s`` a stage's forward + backward plus
+  a constant communication cost per stage. With that constant the sum is the same for every
+  split into the same number of stages, so the minimiser is the split of least largest
+  stage, found here by bisection (`_balanced_cuts`), not by their DP.
 
 A heavy LM head or embedding shows their known weakness: ``uniform`` and
 ``parameters`` count it as one layer (or as its weight) and leave its stage the
@@ -41,7 +49,7 @@ from partitioner.planner.plan import Plan, make_plan
 
 __all__ = ["POLICIES", "baseline", "baseline_stages"]
 
-POLICIES = ("uniform", "parameters", "greedy-memory", "time-dp")
+POLICIES = ("uniform", "parameters", "greedy-memory", "time-dp", "layer-dp")
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
@@ -94,10 +102,17 @@ def baseline_stages(
         return _pieces(_layers(graph, g, by_node=True), len(specs), _params(graph, g))
     if policy == "greedy-memory":
         return _fill(g, specs)
+    if policy == "layer-dp":
+        work = [float(graph.nodes[v]["time"]) + _bwd(graph, v) for v in g.names]
+        return _pieces(_layers(graph, g), len(specs), work)
     found = split_by_time(g, specs)
     if found is None:
         raise InfeasiblePlanError("time-dp: no contiguous split fits the memory limits")
     return found
+
+
+def _bwd(graph: nx.DiGraph, v: str) -> float:
+    return float(graph.nodes[v].get("bwd_time", 0.0) or 0.0)
 
 
 def _params(graph: nx.DiGraph, g: Indexed) -> list[float]:

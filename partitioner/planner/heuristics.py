@@ -8,7 +8,7 @@ topological order, and apply the cost model of docs/planner.md exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -18,6 +18,7 @@ from partitioner.planner.cost import Bandwidth, DeviceSpec, bandwidth_between, i
 __all__ = [
     "Indexed",
     "contiguous_split",
+    "fill_stages",
     "greedy_split",
     "fits_memory",
     "index_graph",
@@ -30,6 +31,47 @@ __all__ = [
 
 #: (producer group, bytes, consumer groups); groups are indices in topological order
 TensorRow = tuple[int, int, list[int]]
+
+
+def fill_stages(
+    graph: nx.DiGraph, assignment: Mapping[str, int], stages: int
+) -> dict[str, int] | None:
+    """``assignment`` on exactly ``stages`` stages: its used stages renumbered in order, then
+    the stage of most ``time`` among those of two nodes or more cut in two, where its time
+    halves along `topo_order`, until there are ``stages``. None when there are fewer nodes.
+
+    An interleaved schedule needs all K * V stages (stage s on device s % K); a throughput
+    solve leaves stages empty when they would not lower its bottleneck (one node heavier than
+    a fair share: an LM head). Cutting a stage along a topological order keeps every edge
+    going forward, and never makes a stage's compute longer.
+    """
+    order = topo_order(graph)
+    used = sorted(set(assignment.values()))
+    a = {v: used.index(k) for v, k in assignment.items()}
+    count = len(used)
+    work = {v: float(graph.nodes[v].get("time", 0.0)) for v in order}
+    while count < stages:
+        members: list[list[str]] = [[] for _ in range(count)]
+        for v in order:
+            members[a[v]].append(v)
+        cands = [k for k in range(count) if len(members[k]) >= 2]
+        if not cands:
+            return None
+        k = max(cands, key=lambda j: (sum(work[v] for v in members[j]), -j))
+        nodes = members[k]
+        half, acc, cut = sum(work[v] for v in nodes) / 2, 0.0, len(nodes) - 1
+        for i, v in enumerate(nodes[:-1]):
+            acc += work[v]
+            if acc >= half:
+                cut = i + 1
+                break
+        for v in a:
+            if a[v] > k:
+                a[v] += 1
+        for v in nodes[cut:]:
+            a[v] = k + 1
+        count += 1
+    return a
 
 
 def topo_order(graph: nx.DiGraph) -> list[str]:

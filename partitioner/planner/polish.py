@@ -9,6 +9,14 @@ shrinks and every device's peak still fits (first improvement, until no move hel
 time is up). On random connected graphs of <= 7 nodes, 2-3 devices and 4 micro-batches it
 took the plans that match a brute force's optimum from 78% to 88%, and their mean excess
 step from 0.9% to 0.4% (docs/planner.md, "Training plans").
+
+Before that, `seeded` gives each candidate the best of its own split and a few others scored
+on the same simulated step: the baselines' (``uniform``, ``layer-dp``: layers balanced by
+forward + backward) and the best contiguous split by forward time alone (``time-dp``, what an
+inference plan balances). The proxy can miss what those find: under GPipe the step pays the
+largest forward and the largest backward separately, so a split that balances forward + backward
+can lose to one that balances forward (benchmarks/train_baselines.py showed the MLP's GPipe
+plan 4% slower than the forward-only one before the seeds).
 """
 
 from __future__ import annotations
@@ -18,10 +26,17 @@ from collections.abc import Sequence
 
 import networkx as nx
 
-from partitioner.planner.heuristics import topo_order
-from partitioner.planner.trainplan import Scored, rank, rescore
+from partitioner.errors import InfeasiblePlanError
+from partitioner.planner.baselines import baseline_stages
+from partitioner.planner.cost import Bandwidth, DeviceSpec
+from partitioner.planner.heuristics import Indexed, index_graph, sources_late, topo_order
+from partitioner.planner.stepcost import stage_specs
+from partitioner.planner.trainplan import Scored, first_devices, rank, rescore, scored_split
 
-__all__ = ["POLISHED", "polish", "polish_best"]
+__all__ = ["POLISHED", "SEEDS", "polish", "polish_best", "seeded"]
+
+#: the other splits every candidate is scored with (`seeded`)
+SEEDS = ("uniform", "layer-dp", "time-dp")
 
 #: how many of the best candidates (distinct splits) are polished
 POLISHED = 3
@@ -35,6 +50,36 @@ def polish_best(scored: Sequence[Scored], deadline: float) -> list[Scored]:
     for i, s in enumerate(fitting):
         share = (deadline - time.perf_counter()) / (len(fitting) - i)
         out.append(polish(s, time.perf_counter() + share) if share > 0 else s)
+    return out
+
+
+def seeded(
+    scored: Sequence[Scored], specs: Sequence[DeviceSpec], bandwidth: Bandwidth
+) -> list[Scored]:
+    """Each of ``scored`` replaced by the fastest fitting of its split and the `SEEDS`'
+    splits on the devices its candidate was offered (see the module; ``specs`` and
+    ``bandwidth`` are the solve's: a candidate on k devices was offered the first k)."""
+    indexed: dict[int, Indexed] = {}
+    out = []
+    for s in scored:
+        c = s.choice
+        offered = list(specs[: c.devices or len(specs)])
+        bw = first_devices(bandwidth, len(offered))
+        g = indexed.setdefault(id(s.graph), index_graph(s.graph, sources_late(s.graph)))
+        best = s
+        stages = stage_specs(offered, c.virtual_stages)
+        for policy in SEEDS:
+            try:
+                found = baseline_stages(s.graph, g, stages, policy)
+            except InfeasiblePlanError:
+                continue
+            if len(set(found)) != len(stages):  # every device used, no stage left empty
+                continue
+            assignment = dict(zip(g.names, found, strict=True))
+            other = scored_split(s.graph, c, s.sub, assignment, offered, bw)
+            if other is not None and other.fits and (not best.fits or rank(other) < rank(best)):
+                best = other
+        out.append(best)
     return out
 
 

@@ -35,10 +35,11 @@ import networkx as nx
 from partitioner.errors import InfeasiblePlanError
 from partitioner.planner.candidates import AUTO, check_bwd, choices
 from partitioner.planner.cost import Bandwidth, DeviceSpec, bandwidth_between, fmt_bytes
-from partitioner.planner.plan import Plan
-from partitioner.planner.polish import polish_best
+from partitioner.planner.heuristics import fill_stages
+from partitioner.planner.plan import Plan, make_plan
+from partitioner.planner.polish import polish_best, seeded
 from partitioner.planner.stepcost import in_flight, rescaled, stage_bandwidth
-from partitioner.planner.trainplan import Choice, Scored, finish, rank, score
+from partitioner.planner.trainplan import Choice, Scored, finish, first_devices, rank, score
 
 __all__ = [
     "AUTO",
@@ -167,7 +168,7 @@ def solve_training(
         _run(list({id(p): p for _, p in keyed}.values()), sub_solve, deadline)
         scored = _score(keyed, graphs, specs, bandwidth)
         scored = _improve(keyed, scored, graphs, specs, bandwidth, sub_solve, deadline)
-        scored = polish_best(scored, deadline - FINISH)
+        scored = polish_best(seeded(scored, specs, bandwidth), deadline - FINISH)
     failed = {c: p.error for c, p in keyed if p.plan is None}
     return finish(graph, graphs, specs, scored, failed, gap, t0, plan_kw or {})
 
@@ -187,7 +188,7 @@ def _problems(
         key = (c.devices, *_key(c, limited, len(mine)))
         if key not in problems:
             problems[key] = _problem(
-                graphs[c.chunks], mine, _first(bandwidth, len(mine)), c, limited
+                graphs[c.chunks], mine, first_devices(bandwidth, len(mine)), c, limited
             )
         problems[key].estimate = min(problems[key].estimate, _estimate(graphs[c.chunks], c, mine))
         keyed.append((c, problems[key]))
@@ -253,13 +254,6 @@ def _quiet_subsolves() -> Iterator[None]:
         solver_log.removeFilter(keep)
 
 
-def _first(bandwidth: Bandwidth, k: int) -> Bandwidth:
-    """The bandwidth among the first k devices."""
-    if isinstance(bandwidth, int | float):
-        return bandwidth
-    return [[float(x) for x in row[:k]] for row in bandwidth[:k]]
-
-
 def _key(c: Choice, limited: bool, k: int) -> tuple[Any, ...]:
     """Choices with one key share a derived problem ([Note: training solve])."""
     if not limited:
@@ -303,6 +297,29 @@ def _problem(
     return _Problem(derived, sub, bw, v, math.inf, 1 if c.checkpoint else mult)
 
 
+def _filled(p: _Problem, plan: Plan) -> Plan | None:
+    """``plan`` with its empty stages filled (`fill_stages`): an interleaved schedule runs
+    all K * V stages. None, with the reason in ``p.error``, when the graph has fewer nodes."""
+    filled = fill_stages(p.graph, plan.assignment, len(p.specs))
+    if filled is None:
+        p.error = f"the split left {len(p.specs) - plan.num_stages} of its stages empty"
+        return None
+    again = make_plan(
+        p.graph,
+        filled,
+        p.specs,
+        bandwidth=p.bandwidth,
+        lower_bound=plan.lower_bound,
+        status=plan.status,
+        solver=plan.solver,
+        solve_time=plan.solve_time,
+        meta=plan.meta,
+    )
+    if again.bottleneck > plan.bottleneck * (1 + 1e-12) and plan.status == "optimal":
+        again.status = "feasible"  # a cut stage receives more: not the proven bottleneck
+    return again
+
+
 def _estimate(graph: nx.DiGraph, c: Choice, specs: Sequence[DeviceSpec]) -> float:
     """A step time for ordering the derived problems: even stages, the schedule's bubble."""
     work = sum(float(d["time"]) + float(d.get("bwd_time", 0.0)) for _, d in graph.nodes(data=True))
@@ -337,6 +354,5 @@ def _run(problems: list[_Problem], sub_solve: SubSolve, deadline: float) -> None
         took = time.perf_counter() - start
         shortest = took if shortest == 0 else min(shortest, took)
         if p.virtual_stages > 1 and p.plan.num_stages < len(p.specs):
-            p.error = f"the split left {len(p.specs) - p.plan.num_stages} of its stages empty"
-            p.plan = None
+            p.plan = _filled(p, p.plan)
     log.debug("training solve: %d derived problems", len(problems))

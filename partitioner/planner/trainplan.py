@@ -105,6 +105,26 @@ def rescore(s: Scored, assignment: Mapping[str, int]) -> Scored | None:
     return _scored(s.graph, s.choice, s.sub, dict(assignment), s.specs, s.bandwidth)
 
 
+def first_devices(bandwidth: Bandwidth, k: int) -> Bandwidth:
+    """The bandwidth among the first k devices."""
+    if isinstance(bandwidth, int | float):
+        return bandwidth
+    return [[float(x) for x in row[:k]] for row in bandwidth[:k]]
+
+
+def scored_split(
+    graph: nx.DiGraph,
+    c: Choice,
+    sub: Plan,
+    assignment: dict[str, int],
+    specs: list[DeviceSpec],
+    bandwidth: Bandwidth,
+) -> Scored | None:
+    """``c`` on ``assignment`` (stages 0..K*V-1 on ``specs``), or None when the schedule
+    cannot run on those devices; ``sub`` is the derived plan it is credited to."""
+    return _scored(graph, c, sub, assignment, specs, bandwidth)
+
+
 def _scored(
     graph: nx.DiGraph,
     c: Choice,
@@ -149,6 +169,11 @@ def finish(
     fitting = [s for s in scored if s.fits]
     if not fitting:
         why = "; ".join(_others(None, scored, failed)) or "no candidate could be scored"
+        if not scored and failed and all("empty" in text for text in failed.values()):
+            raise InfeasiblePlanError(
+                f"no training plan: {why}; the graph has too few nodes for that many stages: "
+                "use fewer devices or virtual stages (virtual_stages=1)"
+            )
         raise InfeasiblePlanError(
             f"no training plan fits the devices' memory: {why}; raise the memory limits, add "
             "devices, allow recomputation (solve(checkpoint=True); "

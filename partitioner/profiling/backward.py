@@ -19,9 +19,18 @@ write a 154 MB gradient, ~80 ms a call on one core). Nodes with nothing to diffe
 (placeholders, ``get_attr``, ``getitem``, ops on integers, ops none of whose inputs require
 grad) cost 0.
 
+A node with parameters also pays, per micro-batch, the add of their gradients into the
+step's sums (autograd's ``AccumulateGrad`` into ``.grad``, or the runtime's sum over
+micro-batches: `runtime.grads.accumulate`): a pass over three parameter-sized tensors, which
+for a wide layer on a small micro-batch is a third of its backward (a 1024 x 1024 Linear on
+16 rows: ~0.6 ms of ~1.7 ms on one core). It is timed (`_accumulate_seconds`, fastest of 3, and
+on a CPU at least the bytes over the memory's rate, as in a step the sums are cold) and
+added to the node's figure, for every micro-batch: the first one of a step, whose
+gradient is kept as it is, is charged it too (1/M of it is an overestimate).
+
 What it leaves out: each node's figure includes one ``autograd.grad`` call's overhead (some
 µs on a CPU; the engine pays some of it per node in a whole backward too), and gradient
-accumulation where a tensor has several readers (an add of two gradients) is not timed.
+accumulation where an activation has several readers (an add of two gradients) is not timed.
 An in-place op runs on private copies (it would otherwise write the pass's tensors twice).
 """
 
@@ -55,6 +64,10 @@ class BackwardCosts:
     seconds: dict[str, float] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
     grad_bytes: dict[str, int] = field(default_factory=dict)  # the gradients it writes
+    #: bytes of its parameters' gradients, which each micro-batch adds into their sums
+    param_grad_bytes: dict[str, int] = field(default_factory=dict)
+    #: seconds of those adds (timed runs only): part of ``seconds``
+    accumulate: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # node -> why its backward failed
 
 
@@ -65,6 +78,8 @@ class _Local:
     outputs: list[torch.Tensor]
     inputs: list[torch.Tensor]
     seeds: list[torch.Tensor]
+    #: which of ``inputs`` are parameters (leaves of the model, not activations)
+    params: list[bool] = field(default_factory=list)
 
     def grad(self) -> tuple[torch.Tensor | None, ...]:
         return torch.autograd.grad(
@@ -139,7 +154,14 @@ class _Sweep(fx.Interpreter):
             leaves.append(x)
             return x.clone() if writes else x  # autograd forbids writing a leaf
 
-        a, k = pytree.tree_map_only(torch.Tensor, leaf, (args, kwargs))
+        def kept(t: torch.Tensor) -> torch.Tensor:  # which leaves are the model's parameters
+            x = leaf(t)
+            if len(leaves) > len(is_param):
+                is_param.append(t.is_leaf)
+            return x
+
+        is_param: list[bool] = []
+        a, k = pytree.tree_map_only(torch.Tensor, kept, (args, kwargs))
         params: list[torch.Tensor] = []
         if n.op == "call_module" and meta:  # the module's weights on meta too
             sub = self.fetch_attr(str(n.target))
@@ -156,7 +178,8 @@ class _Sweep(fx.Interpreter):
         outputs = [t for t in _read_outputs(n, out) if _wants_grad(t)]
         if not outputs or not leaves + params:
             return None
-        return _Local(outputs, leaves + params, [torch.ones_like(t) for t in outputs])
+        seeds = [torch.ones_like(t) for t in outputs]
+        return _Local(outputs, leaves + params, seeds, is_param + [True] * len(params))
 
 
 def measure_backward(
@@ -174,6 +197,13 @@ def measure_backward(
     """
     found = BackwardCosts()
     samples: dict[str, list[float]] = {}
+    measured: list[float] = []
+
+    def rate() -> float:  # measured once, on the first node with parameters
+        if not measured:
+            measured.append(stream_rate())
+        return measured[0]
+
     total = sum(n.op not in ("placeholder", "output") for n in gm.graph.nodes)
     progress = Progress(total, "profiling backward")
 
@@ -187,8 +217,13 @@ def measure_backward(
             counted = time.perf_counter() - start  # a run too: noise and counting only add
             found.flops[n.name] = int(counter.get_total_flops())
             found.grad_bytes[n.name] = sum(nbytes(g) for g in grads if g is not None)
+            mine = [g for g, p in zip(grads, local.params, strict=True) if p and g is not None]
+            if mine:
+                found.param_grad_bytes[n.name] = sum(nbytes(g) for g in mine)
             if timed:
                 samples[n.name] = _timings(local, repeat, sync, [counted])
+                if mine:
+                    found.accumulate[n.name] = _accumulate_seconds(mine, sync, rate)
         except RuntimeError as exc:  # an op without a derivative: named in a warning
             found.failed[n.name] = str(exc).strip().splitlines()[0] if str(exc) else "?"
         progress.advance()
@@ -208,7 +243,9 @@ def measure_backward(
                 _warn_noisy(disagreeing(samples), samples)
     finally:
         progress.close()
-    found.seconds = {name: measure.ESTIMATE(s) for name, s in samples.items()}
+    found.seconds = {
+        name: measure.ESTIMATE(s) + found.accumulate.get(name, 0.0) for name, s in samples.items()
+    }
     if found.failed:
         name, why = next(iter(found.failed.items()))
         logger.warning(
@@ -240,6 +277,44 @@ def _timings(
         if len(fastest) == 2 and fastest[1] <= AGREE * fastest[0]:
             break
     return runs
+
+
+def _accumulate_seconds(
+    grads: Sequence[torch.Tensor], sync: Callable[[], None], rate: Callable[[], float]
+) -> float:
+    """Seconds to add ``grads`` into sums of their own, as a step does for every micro-batch
+    after the first ([Note: backward per node]): the fastest of three timed adds, or the
+    bytes moved at the memory's rate (`stream_rate`) when that is longer: in a step the
+    sums are cold, evicted by the other layers' work since the last micro-batch."""
+    sums = [g.detach().clone() for g in grads]
+    runs = []
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        for total, g in zip(sums, grads, strict=True):
+            total.add_(g)
+        sync()
+        runs.append(time.perf_counter() - start)
+    if grads[0].device.type != "cpu":
+        return min(runs)
+    return max(min(runs), 3 * sum(nbytes(g) for g in grads) / rate())
+
+
+#: bytes of each of the two tensors `stream_rate` adds: past the last-level cache of most CPUs
+STREAM_BYTES = 64 * 1024 * 1024
+
+
+def stream_rate() -> float:
+    """Bytes per second that ``a.add_(b)`` moves (reads a and b, writes a) on tensors too big
+    for the caches: fastest of three, on this thread's intra-op threads."""
+    a = torch.ones(STREAM_BYTES // 4)
+    b = torch.ones(STREAM_BYTES // 4)
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        a.add_(b)
+        runs.append(time.perf_counter() - start)
+    return 3 * STREAM_BYTES / max(min(runs), 1e-9)
 
 
 def _warn_noisy(noisy: list[str], samples: dict[str, list[float]]) -> None:

@@ -324,6 +324,7 @@ def _bwd_seconds(
         return float(back.seconds.get(n.name, 0.0))
     moved = found.in_bytes.get(n.name, 0) + found.out_bytes.get(n.name, 0)
     moved += sum(nbytes(t) for t in tensors.values()) + back.grad_bytes.get(n.name, 0)
+    moved += 3 * back.param_grad_bytes.get(n.name, 0)  # the add into the gradients' sums
     return rates.estimate(back.flops[n.name], moved)
 
 
