@@ -48,9 +48,7 @@ def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.float() - target).pow(2).mean()
 
 
-def measure(
-    name: str, schedule: str, args: argparse.Namespace
-) -> tuple[float, list[float], str]:
+def measure(name: str, schedule: str, args: argparse.Namespace) -> tuple[float, list[float], str]:
     """Predicted seconds per step, the measured steps and the plan's split, for one model x
     schedule."""
     config, inputs, batch = CASES[name]
