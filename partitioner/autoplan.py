@@ -18,7 +18,7 @@ from partitioner.capture.tracer import input_signature, trace
 from partitioner.devices import MemoryLike, resolve_devices, torch_device
 from partitioner.planner.candidates import training_choice
 from partitioner.planner.cost import DEFAULT_BANDWIDTH, Bandwidth, DeviceSpec
-from partitioner.planner.plan import Plan
+from partitioner.planner.plan import Plan, default_chunks
 from partitioner.planner.solver import solve
 from partitioner.profiling.costgraph import profile
 from partitioner.replan import HostCopy, StateDictSource
@@ -206,7 +206,7 @@ def auto_partition(
     devices: Sequence[str | torch.device | DeviceSpec] | None = None,
     memory: MemoryLike = None,
     speed: Sequence[float] | None = None,
-    chunks: int = 1,
+    chunks: int | None = None,
     objective: str = "throughput",
     bandwidth: Bandwidth = DEFAULT_BANDWIDTH,
     solver: str | None = None,
@@ -217,8 +217,15 @@ def auto_partition(
     leaf_modules: Sequence[Any] = (),
     cost: str = "time",
 ) -> Plan:
-    """Trace, profile and solve: the partition Plan for ``model`` on the devices."""
+    """Trace, profile and solve: the partition Plan for ``model`` on the devices.
+
+    ``chunks`` (micro-batches) defaults to 1 for a model in eval mode and, for one in
+    training mode (a training plan: its step time), to ModelSplitter's default, two per
+    device: with one micro-batch no two stages of a training step ever work at once.
+    """
     specs = resolve_devices(num_devices, devices, memory, speed)
+    if chunks is None:
+        chunks = default_chunks(len(specs)) if model.training else 1
     opts = Options(
         objective,
         bandwidth,

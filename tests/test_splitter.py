@@ -109,6 +109,14 @@ def test_from_plan_of_another_model_is_a_clear_error() -> None:
         splitter(*other_args)
 
 
+def test_auto_partition_pipelines_a_training_step_by_default() -> None:
+    # one micro-batch would leave every stage of a training step waiting for the others
+    model, args, _ = small("mlp", batch=8)
+    plan = auto_partition(model.train(), args, num_devices=2, time_limit=5)
+    assert plan.schedule is not None and plan.chunks == 4
+    assert auto_partition(model.eval(), args, num_devices=2, time_limit=5).chunks == 1
+
+
 def test_memory_limits_reach_the_plan() -> None:
     model, args, _ = small("mlp", batch=8)
     total = sum(p.numel() * p.element_size() for p in model.parameters())

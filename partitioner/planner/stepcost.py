@@ -146,7 +146,11 @@ def step_figures(
     between stages of one device), and the weight-grad half of a zero-bubble backward
     ``sum(bwd_time) / 2p``. Memory: a micro-batch keeps ``act_bytes`` alive from its
     forward to its backward; with `checkpoint` only the stage's inputs (``in_bytes``), while
-    one micro-batch's ``act_bytes`` (its recomputation) are counted with the weights.
+    one micro-batch's ``act_bytes`` (its recomputation) are counted with the weights, two
+    with a schedule other than GPipe: the runtime's recomputation (``"except_last"``, as
+    torchgpipe's) keeps the last micro-batch's activations, which a 1F1B-like schedule holds
+    while it recomputes the backwards before it (GPipe runs that micro-batch's backward
+    first, so never two at once).
     """
     k, v = len(specs), virtual_stages
     ev = evaluate(graph, assignment, stage_specs(specs, v), stage_bandwidth(bandwidth, k, v))
@@ -156,6 +160,7 @@ def step_figures(
         bwd[assignment[node]] += float(data.get("bwd_time", 0.0))
     fwd = [st.time / p for st, p in zip(ev.stages, speed, strict=True)]
     back = [b / p + (f if checkpoint else 0.0) for b, p, f in zip(bwd, speed, fwd, strict=True)]
+    held = (1 if schedule == "gpipe" else 2) if checkpoint else 0  # full activations kept
     sim = simulate(
         fwd,
         back,
@@ -165,7 +170,7 @@ def step_figures(
         virtual_stages=v,
         send=[max(0.0, st.cost - st.time / p) for st, p in zip(ev.stages, speed, strict=True)][1:],
         act_bytes=[st.in_bytes if checkpoint else st.act_bytes for st in ev.stages],
-        param_bytes=[st.param_bytes + (st.act_bytes if checkpoint else 0) for st in ev.stages],
+        param_bytes=[st.param_bytes + held * st.act_bytes for st in ev.stages],
         weight_grad=[b / p / 2 for b, p in zip(bwd, speed, strict=True)],
     )
     return StepFigures(ev, sim, tied_seconds(graph, assignment, k, bandwidth))
