@@ -11,10 +11,11 @@ training with both of the threaded runtime's backward modes (autograd on the cal
 thread, and ``backward="pipelined"``: each stage's backward in its own worker) and with
 `Pipeline.train_step` under GPipe and 1F1B, against the distributed backend's same schedule.
 
-A CPU `Pipeline` sets glibc's malloc to keep freed memory ([Note: CPU allocator] in
-runtime/allocator.py); the gloo ranks run with glibc's defaults, as a torchrun user's do, and
-in the last two rows with the same settings (glibc's MALLOC_* variables), for a like-for-like
-figure.
+A CPU `Pipeline` and a CPU rank of `runtime.distributed` set glibc's malloc to keep freed
+memory ([Note: CPU allocator] in runtime/allocator.py). The gloo ranks run with glibc's
+defaults (``MODELSPLIT_MALLOC=system``), as torch.distributed.pipelining runs under a plain
+torchrun, and in the last two rows with the settings runtime.distributed gives itself, for a
+like-for-like figure.
 """
 
 from __future__ import annotations
@@ -81,14 +82,6 @@ def threaded(
     return args.iters * args.batch / (time.perf_counter() - t0)
 
 
-#: glibc's settings for what the threaded runtime sets with mallopt ([Note: CPU allocator])
-KEEP_FREED = {
-    "MALLOC_TRIM_THRESHOLD_": "268435456",
-    "MALLOC_MMAP_THRESHOLD_": "268435456",
-    "MALLOC_ARENA_MAX": "1",
-}
-
-
 def distributed(
     args: argparse.Namespace,
     plan_path: str,
@@ -97,13 +90,14 @@ def distributed(
     keep_freed: bool = False,
 ) -> float:
     """samples/s of runtime.distributed, 2 gloo ranks on 127.0.0.1 (one thread each); with
-    ``keep_freed``, under the malloc settings the threaded runtime gives itself."""
+    ``keep_freed``, under the malloc settings it gives itself as the threaded runtime does,
+    else with glibc's defaults (MODELSPLIT_MALLOC=system)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if keep_freed:
-        env.update(KEEP_FREED)
+    if not keep_freed:
+        env["MODELSPLIT_MALLOC"] = "system"
     if os.path.exists("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [
@@ -156,9 +150,9 @@ def main() -> None:
              "gpipe", False),
             ("train_step, schedule='gpipe'", True, "autograd", "gpipe", "gpipe", False),
             ("train_step, schedule='1f1b'", True, "autograd", "1f1b", "1f1b", False),
-            ("train_step, schedule='gpipe'; gloo ranks with the same malloc settings", True,
+            ("train_step, schedule='gpipe'; gloo ranks keep freed memory too", True,
              "autograd", "gpipe", "gpipe", True),
-            ("train_step, schedule='1f1b'; gloo ranks with the same malloc settings", True,
+            ("train_step, schedule='1f1b'; gloo ranks keep freed memory too", True,
              "autograd", "1f1b", "1f1b", True),
         ]  # fmt: skip
         for name, train, backward, schedule, theirs, keep in rows:

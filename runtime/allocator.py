@@ -11,7 +11,8 @@ So every step touches fresh pages, and the kernel zeroes each 4 KiB one on first
 measured on the 8 x 1024 MLP of ``benchmarks/training.py``, 2 stages, 4 micro-batches,
 ~20,000 minor page faults per training step, 72 ms a step against 47 ms without them.
 
-So before a `Pipeline` with CPU stages starts its first worker, `keep_freed_memory` sets,
+So before a `Pipeline` with CPU stages starts its first worker (and when a CPU rank of
+`runtime.distributed` builds its stages), `keep_freed_memory` sets,
 process-wide and once: ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to `KEEP` (256 MiB: a
 freed block up to that size stays in the heap for the next allocation, and a heap keeps up
 to that much free memory at its top), and ``M_ARENA_MAX`` to 1 (every thread allocates from

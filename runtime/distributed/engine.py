@@ -45,6 +45,7 @@ from torch.distributed.pipelining.microbatch import (
 )
 
 from partitioner.errors import ModelSplitError
+from runtime.allocator import keep_freed_memory
 from runtime.distributed.placement import LOOPED, SCHEDULES, check_schedule, stages_of
 from runtime.distributed.relay import RelayStage, rebuild_output, relay
 from runtime.interface import stage_io
@@ -112,6 +113,8 @@ class DistributedPipeline:
         self.chunks, self.schedule_name = chunks, schedule
         self.loss_fn, self.scale_grads, self.group = loss_fn, scale_grads, group
         self.device = device or torch.device("cpu")
+        if self.device.type == "cpu":  # [Note: CPU allocator], as a CPU Pipeline does
+            keep_freed_memory()
         self.program = stage_io(stages[0]).program
         values = self._bind(example)
         self._shapes = {n: v.shape for n, v in values.items() if isinstance(v, torch.Tensor)}
