@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from partitioner.errors import InfeasiblePlanError
-from partitioner.planner.cost import DeviceSpec
+from partitioner.planner.cost import DeviceSpec, fmt_bytes
 from partitioner.planner.plan import Plan
 from runtime.recovery.faults import RecoveryError, lost_memory
 
@@ -148,8 +148,13 @@ def _sub_bandwidth(bandwidth: Any, offered: Sequence[DeviceSpec], alive: list[De
     return [[bandwidth[a][b] for b in keep] for a in keep]
 
 
-def _need(graph: Any) -> int:
-    return sum(int(d["param_bytes"]) + int(d["act_bytes"]) for _, d in graph.nodes(data=True))
+def _need(graph: Any) -> str:
+    """What the model needs, in words: its weights and one micro-batch's activations (a
+    training profile's ``act_bytes`` are per micro-batch; how many are alive at once is the
+    schedule's)."""
+    params = sum(int(d["param_bytes"]) for _, d in graph.nodes(data=True))
+    acts = sum(int(d["act_bytes"]) for _, d in graph.nodes(data=True))
+    return f"{fmt_bytes(params)} of weights and {fmt_bytes(acts)} of activations per micro-batch"
 
 
 def replan_plan(
@@ -167,7 +172,7 @@ def replan_plan(
     if not alive:
         raise RecoveryError(
             f"every device failed ({', '.join(failed)}); nothing is left to re-plan on "
-            f"(the model needs {_need(graph)} bytes of weights and activations)",
+            f"(the model needs {_need(graph)})",
             list(failed),
         )
     try:

@@ -124,7 +124,10 @@ def test_last_device_failing_is_a_clear_error(
     shared: tuple[MLP, ModelSplitter, torch.Tensor], split: ModelSplitter
 ) -> None:
     with (
-        pytest.raises(RecoveryError, match=r"every device failed .*bytes") as info,
+        pytest.raises(
+            RecoveryError,
+            match=r"every device failed .*B of weights and .*B of activations per micro-batch",
+        ) as info,
         torch.no_grad(),
         inject_failure(split, stage=0, microbatch=0),
         inject_failure(split, stage=1, microbatch=0),
