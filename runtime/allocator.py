@@ -66,7 +66,13 @@ def keep_freed_memory(mode: str = "keep") -> bool:
     True if it is (now or already) set. ``mode="system"`` leaves malloc as it is."""
     if mode not in MALLOC_MODES:
         raise ValueError(f"malloc must be one of {MALLOC_MODES} (got {mode!r})")
-    if mode == "system" or os.environ.get("MODELSPLIT_MALLOC", "keep") == "system":
+    env = os.environ.get("MODELSPLIT_MALLOC", "keep") or "keep"
+    if env not in MALLOC_MODES:
+        raise ValueError(
+            f"the environment variable MODELSPLIT_MALLOC must be one of {MALLOC_MODES} (got "
+            f"{env!r}): 'system' leaves glibc's malloc as it is"
+        )
+    if mode == "system" or env == "system":
         return malloc_tuned()
     with _lock:
         if "tuned" in _state:
@@ -80,11 +86,14 @@ def keep_freed_memory(mode: str = "keep") -> bool:
         settings = ((_M_MMAP_THRESHOLD, KEEP), (_M_TRIM_THRESHOLD, KEEP), (_M_ARENA_MAX, 1))
         ok = all([libc.mallopt(param, value) == 1 for param, value in settings])  # each one
         _state.update(tuned=ok, why="" if ok else "mallopt refused a setting")
-        log.info(
-            "malloc set to keep up to %d MiB of freed memory in one arena for CPU stages "
-            "(MODELSPLIT_MALLOC=system leaves it alone)",
-            KEEP >> 20,
-        )
+        if ok:
+            log.info(
+                "malloc set to keep up to %d MiB of freed memory in one arena for CPU stages "
+                "(MODELSPLIT_MALLOC=system leaves it alone)",
+                KEEP >> 20,
+            )
+        else:
+            log.warning("malloc left partly as it was: glibc's mallopt refused a setting")
         return ok
 
 

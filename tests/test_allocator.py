@@ -86,6 +86,9 @@ def test_system_mode_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELSPLIT_MALLOC", "system")
     assert allocator.keep_freed_memory() is False
     assert allocator._state == {}
+    monkeypatch.setenv("MODELSPLIT_MALLOC", "off")
+    with pytest.raises(ValueError, match="MODELSPLIT_MALLOC must be one of"):
+        allocator.keep_freed_memory()
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,18 @@ from partitioner.planner.stepcost import (
     step_lower_bound,
 )
 
-__all__ = ["FLAT", "Choice", "Scored", "describe", "finish", "rank", "rescore", "score"]
+__all__ = [
+    "FLAT",
+    "Choice",
+    "Scored",
+    "describe",
+    "finish",
+    "first_devices",
+    "rank",
+    "rescore",
+    "score",
+    "scored_split",
+]
 
 #: schedules that run one stage per device
 FLAT = ("gpipe", "1f1b")
@@ -97,12 +108,12 @@ def score(
     bw: Bandwidth = bandwidth
     if not isinstance(bandwidth, int | float):
         bw = [[float(bandwidth[a][b]) for b in used] for a in used]
-    return _scored(graph, c, sub, dict(sub.assignment), mine, bw)
+    return scored_split(graph, c, sub, dict(sub.assignment), mine, bw)
 
 
 def rescore(s: Scored, assignment: Mapping[str, int]) -> Scored | None:
     """``s``'s candidate on another split of the same stages."""
-    return _scored(s.graph, s.choice, s.sub, dict(assignment), s.specs, s.bandwidth)
+    return scored_split(s.graph, s.choice, s.sub, dict(assignment), s.specs, s.bandwidth)
 
 
 def first_devices(bandwidth: Bandwidth, k: int) -> Bandwidth:
@@ -122,17 +133,6 @@ def scored_split(
 ) -> Scored | None:
     """``c`` on ``assignment`` (stages 0..K*V-1 on ``specs``), or None when the schedule
     cannot run on those devices; ``sub`` is the derived plan it is credited to."""
-    return _scored(graph, c, sub, assignment, specs, bandwidth)
-
-
-def _scored(
-    graph: nx.DiGraph,
-    c: Choice,
-    sub: Plan,
-    assignment: dict[str, int],
-    specs: list[DeviceSpec],
-    bandwidth: Bandwidth,
-) -> Scored | None:
     try:
         check_schedule(c.schedule, len(specs), c.chunks, c.virtual_stages)
     except ValueError:
@@ -330,5 +330,5 @@ def _over_on(best: Scored, name: str) -> Scored | None:
     if v != best.choice.virtual_stages:
         return None
     c = Choice(name, best.choice.chunks, v, best.choice.checkpoint, best.choice.devices)
-    found = _scored(best.graph, c, best.sub, best.assignment, best.specs, best.bandwidth)
+    found = scored_split(best.graph, c, best.sub, best.assignment, best.specs, best.bandwidth)
     return found if found is not None and not found.fits else None
