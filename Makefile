@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/distributed.py
 	$(BIN)/python benchmarks/step_prediction.py
 	$(BIN)/python benchmarks/backward_cost.py
+	$(BIN)/python benchmarks/train_baselines.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
