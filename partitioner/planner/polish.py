@@ -21,6 +21,7 @@ plan 4% slower than the forward-only one before the seeds).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -29,7 +30,7 @@ import networkx as nx
 from partitioner.errors import InfeasiblePlanError
 from partitioner.planner.baselines import baseline_stages
 from partitioner.planner.cost import Bandwidth, DeviceSpec
-from partitioner.planner.heuristics import Indexed, index_graph, sources_late, topo_order
+from partitioner.planner.heuristics import index_graph, sources_late, topo_order
 from partitioner.planner.stepcost import stage_specs
 from partitioner.planner.trainplan import Scored, first_devices, rank, rescore, scored_split
 
@@ -54,33 +55,53 @@ def polish_best(scored: Sequence[Scored], deadline: float) -> list[Scored]:
 
 
 def seeded(
-    scored: Sequence[Scored], specs: Sequence[DeviceSpec], bandwidth: Bandwidth
+    scored: Sequence[Scored],
+    specs: Sequence[DeviceSpec],
+    bandwidth: Bandwidth,
+    deadline: float = math.inf,
 ) -> list[Scored]:
     """Each of ``scored`` replaced by the fastest fitting of its split and the `SEEDS`'
     splits on the devices its candidate was offered (see the module; ``specs`` and
-    ``bandwidth`` are the solve's: a candidate on k devices was offered the first k)."""
-    indexed: dict[int, Indexed] = {}
-    out = []
-    for s in scored:
+    ``bandwidth`` are the solve's: a candidate on k devices was offered the first k).
+
+    The candidates go best first, until ``deadline`` (perf_counter seconds); the rest keep
+    their split. A seed's split depends only on the graph's nodes and the stage count (the
+    micro-batch size scales every cost alike), so each is computed once per stage count.
+    """
+    splits: dict[tuple[int, int], list[dict[str, int]]] = {}
+    out = list(scored)
+    order = sorted(range(len(out)), key=lambda i: (not out[i].fits, rank(out[i])))
+    for i in order:
+        if time.perf_counter() >= deadline:
+            break
+        s = out[i]
         c = s.choice
         offered = list(specs[: c.devices or len(specs)])
+        key = (len(offered), c.virtual_stages)
+        if key not in splits:
+            splits[key] = _seed_splits(s.graph, stage_specs(offered, c.virtual_stages))
         bw = first_devices(bandwidth, len(offered))
-        g = indexed.setdefault(id(s.graph), index_graph(s.graph, sources_late(s.graph)))
         best = s
-        stages = stage_specs(offered, c.virtual_stages)
-        for policy in SEEDS:
-            try:
-                found = baseline_stages(s.graph, g, stages, policy)
-            except InfeasiblePlanError:
-                continue
-            if len(set(found)) != len(stages):  # every device used, no stage left empty
-                continue
-            assignment = dict(zip(g.names, found, strict=True))
+        for assignment in splits[key]:
             other = scored_split(s.graph, c, s.sub, assignment, offered, bw)
             if other is not None and other.fits and (not best.fits or rank(other) < rank(best)):
                 best = other
-        out.append(best)
+        out[i] = best
     return out
+
+
+def _seed_splits(graph: nx.DiGraph, stages: Sequence[DeviceSpec]) -> list[dict[str, int]]:
+    """The `SEEDS`' splits of ``graph`` onto ``stages`` that use every stage."""
+    g = index_graph(graph, sources_late(graph))
+    found = []
+    for policy in SEEDS:
+        try:
+            stage = baseline_stages(graph, g, stages, policy)
+        except InfeasiblePlanError:
+            continue
+        if len(set(stage)) == len(stages):  # every device used, no stage left empty
+            found.append(dict(zip(g.names, stage, strict=True)))
+    return found
 
 
 def polish(s: Scored, deadline: float) -> Scored:

@@ -168,7 +168,9 @@ def solve_training(
         _run(list({id(p): p for _, p in keyed}.values()), sub_solve, deadline)
         scored = _score(keyed, graphs, specs, bandwidth)
         scored = _improve(keyed, scored, graphs, specs, bandwidth, sub_solve, deadline)
-        scored = polish_best(seeded(scored, specs, bandwidth), deadline - FINISH)
+        end = deadline - FINISH
+        seeds_end = time.perf_counter() + max(0.0, end - time.perf_counter()) / 2
+        scored = polish_best(seeded(scored, specs, bandwidth, seeds_end), end)
     failed = {c: p.error for c, p in keyed if p.plan is None}
     return finish(graph, graphs, specs, scored, failed, gap, t0, plan_kw or {})
 
