@@ -101,3 +101,24 @@ def test_coarse_graph_is_a_costgraph() -> None:
     c = coarsen(g, 2)
     for _, d in c.graph.nodes(data=True):
         assert all(a in d for a in NODE_ATTRS)
+
+
+def test_a_view_beside_readers_of_the_whole_output_is_not_merged() -> None:
+    # v0's output goes to v1 and v2 and, through a smaller view, to v3: with v1 and v3 on one
+    # stage, the view there is free (v0's output arrives anyway), while merged into v0 its
+    # output would travel too. Found by test_exact_reduction_keeps_the_optimum.
+    g = nx.DiGraph()
+    for name, time, out in [("v0", 1.0, 24), ("v1", 2.0, 57), ("v2", 3.0, 26), ("v3", 0.0, 26)]:
+        g.add_node(name, time=time, param_bytes=0, out_bytes=out, act_bytes=0)
+    g.add_node("v0_item", time=0.0, param_bytes=0, out_bytes=17, act_bytes=0)
+    g.add_edges_from([("v0", "v1"), ("v0", "v2"), ("v0", "v0_item"), ("v0_item", "v3")])
+    reduced = reduce_exact(g, False)
+    assert reduced.members["v0"] == ["v0"] and reduced.members["v0_item"] == ["v0_item"]
+    # all of a tuple's readers are views adding up to no more than it: they join it
+    t = nx.DiGraph()
+    t.add_node("split", time=1.0, param_bytes=0, out_bytes=16, act_bytes=0)
+    for k in range(2):
+        t.add_node(f"item{k}", time=0.0, param_bytes=0, out_bytes=8, act_bytes=0)
+        t.add_node(f"use{k}", time=1.0, param_bytes=0, out_bytes=8, act_bytes=0)
+        t.add_edges_from([("split", f"item{k}"), (f"item{k}", f"use{k}")])
+    assert sorted(reduce_exact(t, False).members["split"]) == ["item0", "item1", "split"]
