@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +33,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from gloo import samples_per_second  # noqa: E402  (benchmarks/gloo.py)
 
 from partitioner import auto_partition  # noqa: E402
 from partitioner.examples import mlp  # noqa: E402
@@ -92,27 +91,13 @@ def distributed(
     """samples/s of runtime.distributed, 2 gloo ranks on 127.0.0.1 (one thread each); with
     ``keep_freed``, under the malloc settings it gives itself as the threaded runtime does,
     else with glibc's defaults (MODELSPLIT_MALLOC=system)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if not keep_freed:
-        env["MODELSPLIT_MALLOC"] = "system"
-    if os.path.exists("/sys/class/net/lo"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-        "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "runtime.distributed",
+    launch = [
         "examples/models.py:mlp", "--factory-kwargs",
         f'{{"width": {args.width}, "depth": {args.depth}}}', "--plan", plan_path,
         "--input-shape", f"{args.batch},{args.width}", "--chunks", str(args.chunks),
         "--iters", str(args.iters), *(["--train", "--schedule", schedule] if train else []),
     ]  # fmt: skip
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    m = re.search(r"([0-9.]+) samples/s", res.stdout)
-    if res.returncode != 0 or m is None:
-        raise RuntimeError(f"torchrun failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return float(m.group(1))
+    return samples_per_second(2, launch, {} if keep_freed else {"MODELSPLIT_MALLOC": "system"})
 
 
 def main() -> None:

@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +40,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from gloo import samples_per_second  # noqa: E402  (benchmarks/gloo.py)
 
 from partitioner import ModelSplitter  # noqa: E402
 from partitioner.examples import MODELS, example_input  # noqa: E402
@@ -70,28 +69,15 @@ def gloo_step(name: str, schedule: str, plan: Any, args: argparse.Namespace) -> 
     """Mean seconds per training step of ``plan`` on runtime.distributed over gloo."""
     config, _, batch = CASES[name]
     shape, dtype = GLOO_INPUT[name]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if os.path.exists("/sys/class/net/lo"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "plan.json")
         plan.save(path)
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-            f"--nproc-per-node={plan.num_stages}", "--master-addr=127.0.0.1",
-            f"--master-port={port}", "-m", "runtime.distributed", f"examples/models.py:{name}",
-            "--factory-kwargs", json.dumps(config), "--plan", path, "--input-shape", shape,
-            "--dtype", dtype, "--chunks", str(args.chunks), "--iters", str(args.rounds),
-            "--train", "--schedule", schedule,
+        launch = [
+            f"examples/models.py:{name}", "--factory-kwargs", json.dumps(config), "--plan", path,
+            "--input-shape", shape, "--dtype", dtype, "--chunks", str(args.chunks),
+            "--iters", str(args.rounds), "--train", "--schedule", schedule,
         ]  # fmt: skip
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    m = re.search(r"([0-9.]+) samples/s", res.stdout)
-    if res.returncode != 0 or m is None:
-        raise RuntimeError(f"torchrun failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return batch / float(m.group(1))
+        return batch / samples_per_second(plan.num_stages, launch)
 
 
 def measure(
