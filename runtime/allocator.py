@@ -36,7 +36,7 @@ import os
 import sys
 import threading
 
-__all__ = ["KEEP", "MALLOC_MODES", "keep_freed_memory", "malloc_tuned"]
+__all__ = ["KEEP", "MALLOC_MODES", "check_malloc", "keep_freed_memory", "malloc_tuned"]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,16 @@ def malloc_tuned() -> bool:
     return bool(_state.get("tuned", False))
 
 
+def check_malloc(mode: str) -> None:
+    """ValueError unless ``mode`` is one of `MALLOC_MODES`."""
+    if mode not in MALLOC_MODES:
+        raise ValueError(f"malloc must be one of {MALLOC_MODES} (got {mode!r})")
+
+
 def keep_freed_memory(mode: str = "keep") -> bool:
     """Set glibc's malloc to keep freed memory ([Note: CPU allocator]), once per process;
     True if it is (now or already) set. ``mode="system"`` leaves malloc as it is."""
-    if mode not in MALLOC_MODES:
-        raise ValueError(f"malloc must be one of {MALLOC_MODES} (got {mode!r})")
+    check_malloc(mode)
     env = os.environ.get("MODELSPLIT_MALLOC", "keep") or "keep"
     if env not in MALLOC_MODES:
         raise ValueError(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from runtime import backward as _backward
-from runtime.allocator import MALLOC_MODES, keep_freed_memory
+from runtime.allocator import check_malloc, keep_freed_memory
 from runtime.batchnorm import DeferredBatchNorm
 from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed, rng_locks
 from runtime.checks import DeviceLike, check_args, check_schedule_option, parse_device
@@ -158,8 +158,7 @@ class Pipeline(nn.Module):
         # Streams are made once, here, and reused by every call.
         self._streams = [new_stream(d) for d in self.devices]
         self._transfer = Transfer(self.devices, self._streams)
-        if malloc not in MALLOC_MODES:
-            raise ValueError(f"malloc must be one of {MALLOC_MODES} (got {malloc!r})")
+        check_malloc(malloc)
         if any(d.type == "cpu" for d in self.devices):  # [Note: CPU allocator]
             keep_freed_memory(malloc)
 
