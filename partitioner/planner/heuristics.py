@@ -46,9 +46,9 @@ def fill_stages(
     going forward, and never makes a stage's compute longer.
     """
     order = topo_order(graph)
-    used = sorted(set(assignment.values()))
-    a = {v: used.index(k) for v, k in assignment.items()}
-    count = len(used)
+    renumber = {k: i for i, k in enumerate(sorted(set(assignment.values())))}
+    a = {v: renumber[k] for v, k in assignment.items()}
+    count = len(renumber)
     work = {v: float(graph.nodes[v].get("time", 0.0)) for v in order}
     while count < stages:
         members: list[list[str]] = [[] for _ in range(count)]
