@@ -32,16 +32,20 @@ Each case runs at each bandwidth of ``--bandwidths`` (bytes/s between stages) an
 without a memory limit: ``MEMORY_FACTOR`` x (total parameter + activation bytes) / stages
 per device, meant to bind a little (``mem use``: the plan's fullest stage over it).
 ``certified gap`` is ``plan.gap`` = (bottleneck - proven lower bound) / bottleneck;
+``bottleneck ms`` is the plan's slowest stage (compute and transfers, per micro-batch);
 ``solve s`` is the wall time of `solve`; ``planner MiB`` is the peak resident memory of the
 process during `solve` above its resident memory before it (after ``malloc_trim``: the
 high-water mark is reset through /proc/self/clear_refs, else ``ru_maxrss`` is used, which
-only shows a new peak of the whole process).
+only shows a new peak of the whole process), plus the peak resident memory of the HiGHS
+worker process (`partitioner.planner.highs_proc`; a fresh one per row, ~40 MiB of it
+Python, numpy and highspy).
 
-Each row runs in a forked process of its own (``--in-process``: not): `solve` returns on
-time, but a HiGHS run that does not stop within ``STOP_WAIT`` of its deadline is left
-running on its thread (`partitioner.planner.ilp`), and in one process such a thread took
-one of the two cores from every later row of a full run. ``HiGHS left running`` says
-whether the row's solve left one going (checked after the baselines).
+Each row runs in a forked process of its own (``--in-process``: not), so that its memory
+is its own. HiGHS runs in a worker process that is killed at the deadline; before it did,
+a HiGHS thread that ignored its stop request (~30 minutes in a sub-MIP's presolve) took one
+of the two cores from every later row of a run in one process, and with
+``MODELSPLIT_HIGHS=thread`` it still can. ``HiGHS left running`` says whether the row's
+solve left one going (checked after the baselines).
 
 Parameters and inputs (``get_attr``, ``placeholder``) get ``out_bytes = 0`` here:
 `partitioner.splitting.cut` re-materialises a parameter in every stage that reads it and
@@ -76,6 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from partitioner.errors import InfeasiblePlanError  # noqa: E402
+from partitioner.planner import highs_proc  # noqa: E402
 from partitioner.planner.baselines import POLICIES, baseline  # noqa: E402
 from partitioner.planner.coarsen import coarsen  # noqa: E402
 from partitioner.planner.cost import DeviceSpec, fmt_bytes  # noqa: E402
@@ -430,7 +435,7 @@ def measured_solve(graph: nx.DiGraph, case: Case) -> tuple[Plan | None, str, flo
         mib = (peak - before) / 1024
     else:
         mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss) / 1024
-    return plan, why, seconds, mib
+    return plan, why, seconds, mib + highs_proc.peak_kib() / 1024
 
 
 HEADER = [
@@ -444,6 +449,7 @@ HEADER = [
     "solve s",
     "status",
     "certified gap",
+    "bottleneck ms",
     "bottleneck/LB",
     "bottleneck/opt",
     "mem use",
@@ -482,7 +488,7 @@ def row(case: Case, graph: nx.DiGraph) -> Result:
         f"{seconds:.1f}",
     ]
     if plan is None:
-        cells += [why.split(" (")[0], "-", "-", "-", "-", f"{mib:.0f}"]
+        cells += [why.split(" (")[0], "-", "-", "-", "-", "-", f"{mib:.0f}"]
         left = _highs_alive()
         cells += ["yes" if left else "no"] + ["-"] * len(POLICIES)
         print(f"# {case}: {why}", file=sys.stderr, flush=True)
@@ -492,6 +498,7 @@ def row(case: Case, graph: nx.DiGraph) -> Result:
     cells += [
         plan.status,
         f"{100 * plan.gap:.2f}%",
+        f"{1e3 * plan.bottleneck:.3f}",
         f"{plan.bottleneck / plan.lower_bound:.3f}" if plan.lower_bound > 0 else "n/a",
         f"{plan.bottleneck / opt:.3f}" if opt else "n/a",
         f"{100 * use:.0f}%" if use is not None else "-",
@@ -513,10 +520,12 @@ def row(case: Case, graph: nx.DiGraph) -> Result:
 
 
 def _highs_alive() -> bool:
-    """Whether a HiGHS run of `solve` is still going: `partitioner.planner.ilp` lets one
-    that does not stop within ``STOP_WAIT`` of its deadline run on (it cannot be killed),
-    which in one process would take a core from every later row."""
-    return any(t.name == "modelsplit-highs" and t.is_alive() for t in threading.enumerate())
+    """Whether a HiGHS run of `solve` is still going: a worker process still busy (it is
+    killed at the deadline, so this is a bug), or, with ``MODELSPLIT_HIGHS=thread``, a
+    HiGHS thread left running (it cannot be killed; in one process it would take a core
+    from every later row)."""
+    threads = any(t.name == "modelsplit-highs" and t.is_alive() for t in threading.enumerate())
+    return threads or bool(highs_proc.busy_pids())
 
 
 def _child(conn: Any, case: Case, graph: nx.DiGraph) -> None:

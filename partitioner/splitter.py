@@ -163,11 +163,8 @@ class ModelSplitter(nn.Module):
 
     @classmethod
     def from_plan(cls, model: nn.Module, plan: Plan | str, **kwargs: Any) -> ModelSplitter:
-        """Reuse a saved plan (a Plan or a path to its JSON) without solving.
-
-        The plan is checked against the model when it is first applied: a node
-        the model does not have, or an edge going backwards, is a PlanError.
-        """
+        """Reuse a saved plan (a Plan or a path to its JSON) without solving; it is checked
+        against the model when first applied (a node it lacks, an edge backwards: PlanError)."""
         if not isinstance(plan, Plan):
             plan = Plan.load(plan)
         kwargs.setdefault("chunks", plan.chunks if plan.chunks > 1 else None)
@@ -238,10 +235,14 @@ class ModelSplitter(nn.Module):
                 self.recoveries.append(record)
         return output
 
-    def train_step(self, *args: Any, target: Any, loss_fn: Any, **kwargs: Any) -> torch.Tensor:
-        """One training step on this call's plan: `runtime.Pipeline.train_step`."""
+    def train_step(
+        self, *args: Any, target: Any, loss_fn: Any, loss_reduction: Any = "mean", **kwargs: Any
+    ) -> torch.Tensor:
+        """`runtime.Pipeline.train_step` on this call's plan; other keywords are the model's."""
         pipe = self._compiled(args, kwargs).pipeline
-        return pipe.train_step(*args, target=target, loss_fn=loss_fn, **kwargs)
+        return pipe.train_step(
+            *args, target=target, loss_fn=loss_fn, loss_reduction=loss_reduction, **kwargs
+        )
 
     def _compiled(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Compiled:
         with self.__dict__["_lock"]:
@@ -300,14 +301,12 @@ class ModelSplitter(nn.Module):
         gm = capture(self.model, args, kwargs, opts.leaf_modules, opts.trace_mode)
         if not same_graph(gm, twin.gm):
             return None
-        log.info("%s mode: same graph as the other mode, plan reused", self._mode())
+        mode = "train" if self.training else "eval"
+        log.info("%s mode: same graph as the other mode, plan reused", mode)
         stages = split(gm, twin.plan)
         compiled = Compiled(twin.plan, stages, None, twin.graph, gm, self.__dict__["_generation"])
         compiled.pipeline = self._build_pipeline(stages, twin.plan, compiled)
         return compiled
-
-    def _mode(self) -> str:
-        return "train" if self.training else "eval"
 
     def _build_pipeline(
         self, stages: list[torch.fx.GraphModule], plan: Plan, compiled: Compiled

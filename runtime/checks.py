@@ -118,12 +118,15 @@ def check_schedule_option(
 
 
 def check_training(
-    schedule: str, num_devices: int, chunks: int, virtual_stages: int, loss_reduction: str
+    schedule: str, num_devices: int, chunks: int, virtual_stages: int, loss_reduction: Any
 ) -> None:
     """What `Pipeline.train_step` needs of this call: a schedule torch can build for these
     micro-batches (`partitioner.planner.schedules.check_schedule`) and a known reduction."""
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"loss_reduction must be 'mean' or 'sum' (got {loss_reduction!r})")
+    if not callable(loss_reduction) and loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(
+            f"loss_reduction must be 'mean', 'sum' or a callable counting a micro-batch "
+            f"target's items (got {loss_reduction!r})"
+        )
     _schedule.check_schedule(schedule, num_devices, chunks, virtual_stages)
 
 

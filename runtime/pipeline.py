@@ -235,7 +235,7 @@ class Pipeline(nn.Module):
         loss_fn: LossFn,
         schedule: str | None = None,
         virtual_stages: int | None = None,
-        loss_reduction: str = "mean",
+        loss_reduction: str | Callable[[Any], Any] = "mean",
         **kwargs: Any,
     ) -> torch.Tensor:
         """One training step: forward, ``loss_fn(output, target)`` and backward of every

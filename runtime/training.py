@@ -11,16 +11,24 @@ is scattered like the inputs, and returns a scalar tensor. The step's loss is
   the gradients are those of ``loss_fn(model(x), target).backward()``;
 - ``loss_reduction="sum"``: ``sum_i loss_i``, for a ``loss_fn`` that sums over its rows.
 
+- ``loss_reduction=count``, a callable ``count(target_i) -> int``: ``sum_i (n_i / N) *
+  loss_i`` with ``n_i = count(target_i)`` and ``N`` their sum. For a ``loss_fn`` that
+  averages over a number of items that differs between micro-batches, tokens with an
+  ``ignore_index`` above all (``F.cross_entropy(..., ignore_index=-100)``, a Hugging Face
+  causal LM's shifted labels), ``count`` gives that number (``lambda t: (t != -100).sum()``,
+  or ``(t[:, 1:] != -100).sum()`` for shifted labels) and the step's loss and gradients are
+  the full batch's. A micro-batch with no items (every label ignored) is a ValueError: its
+  mean is 0/0, which no weight makes right.
+
 Each micro-batch's gradient is taken from its weighted loss, so nothing is rescaled
-afterwards. A mean over a number of items that differs between micro-batches (tokens with
-an ``ignore_index``) is weighted by rows here, not by items: sum in ``loss_fn``, use
-``"sum"`` and divide by the batch's item count yourself for the exact figure.
+afterwards. Under ``"mean"`` a mean over items that differ in number between micro-batches
+is weighted by rows, not by items: give ``count`` for the exact figure.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +71,7 @@ def train_step(
     loss_fn: LossFn,
     schedule: str | None = None,
     virtual_stages: int | None = None,
-    loss_reduction: str = "mean",
+    loss_reduction: str | Callable[[Any], Any] = "mean",
 ) -> torch.Tensor:
     """See `Pipeline.train_step`."""
     schedule = pipe.schedule if schedule is None else schedule
@@ -76,7 +84,7 @@ def train_step(
     stops = pipe._stops(len(sizes))
     locks = rng_locks(list(pipe.stages), pipe.devices, stops)
     caller = [dict(env) for env in envs]
-    weights = _weights(sizes, loss_reduction)
+    weights = _weights(sizes, loss_reduction, targets)
     step = Executor(pipe, per_device, envs, targets, weights, loss_fn, stops, locks)
     pipe.last_step = TrainRecord(schedule, v, list(sizes), step.order)
     _run(pipe, step, k)
@@ -113,14 +121,37 @@ def _scatter(
     return [dict(b["inputs"]) for b in batches], [b["target"] for b in batches], sizes
 
 
-def _weights(sizes: Sequence[int], loss_reduction: str) -> list[float]:
+def _weights(
+    sizes: Sequence[int], loss_reduction: str | Callable[[Any], Any], targets: Sequence[Any]
+) -> list[float]:
     """Each micro-batch loss's weight ([Note: loss weighting])."""
+    if callable(loss_reduction):
+        sizes = [_count(loss_reduction, t, i, len(targets)) for i, t in enumerate(targets)]
     total = sum(sizes)
     if loss_reduction == "sum":
         return [1.0] * len(sizes)
     if total <= 0:
         return [1.0 / len(sizes)] * len(sizes)
     return [size / total for size in sizes]
+
+
+def _count(count: Callable[[Any], Any], target: Any, i: int, m: int) -> int:
+    """``count(target)`` as an int, with errors that name the micro-batch."""
+    try:
+        n = count(target)
+        n = int(n.item()) if isinstance(n, torch.Tensor) else int(n)
+    except Exception as e:
+        raise ValueError(
+            f"loss_reduction's count failed on micro-batch {i} of {m}'s target: {e}"
+        ) from e
+    if n <= 0:
+        raise ValueError(
+            f"micro-batch {i} of {m} has {n} items by loss_reduction's count (every label "
+            f"ignored?): its mean loss is 0/0, which no weight makes the full batch's; use "
+            f"fewer chunks, or a loss_fn that sums with loss_reduction='sum' and divide by "
+            f"the batch's count yourself"
+        )
+    return n
 
 
 def _run(pipe: Pipeline, step: Executor, k: int) -> None:

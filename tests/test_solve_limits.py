@@ -6,11 +6,13 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 from strategies import transformer_graph
 
 from partitioner import DeviceSpec, evaluate
+from partitioner.planner import highs_proc
 from partitioner.planner.bounds import receive_floors
 from partitioner.planner.heuristics import index_graph
 from partitioner.planner.ilp import available_solvers
@@ -37,7 +39,17 @@ def test_the_time_limit_holds_on_a_graph_it_cannot_prove() -> None:
 
 
 def _highs_running() -> bool:
-    return any(t.name == "modelsplit-highs" for t in threading.enumerate())
+    """A worker process solving, or (``MODELSPLIT_HIGHS=thread``) HiGHS's thread."""
+    threads = any(t.name == "modelsplit-highs" for t in threading.enumerate())
+    return threads or bool(highs_proc.busy_pids())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @needs_highs
@@ -46,7 +58,7 @@ def test_ctrl_c_during_the_ilp_raises_within_a_second() -> None:
     # whole time limit (58 s here), then came back as KeyboardInterrupt.
     g = transformer_graph(48, hidden=256, seq=64, vocab=8000, rate=1e12)
     done = threading.Event()
-    seen: dict[str, float | bool] = {}
+    seen: dict[str, Any] = {}
 
     def interrupt() -> None:  # half a second into the HiGHS run (or at 20 s without one)
         end = time.perf_counter() + 20.0
@@ -54,6 +66,7 @@ def test_ctrl_c_during_the_ilp_raises_within_a_second() -> None:
             time.sleep(0.02)
         if not done.wait(0.5):
             seen["highs"], seen["at"] = _highs_running(), time.perf_counter()
+            seen["pids"] = highs_proc.busy_pids()
             os.kill(os.getpid(), signal.SIGINT)
 
     timer = threading.Timer(0.0, interrupt)
@@ -67,6 +80,8 @@ def test_ctrl_c_during_the_ilp_raises_within_a_second() -> None:
         timer.join()
     assert late <= 1.5, f"KeyboardInterrupt came {late:.2f}s after the signal"
     assert seen["highs"], "the signal came before HiGHS ran"
+    for pid in seen["pids"]:  # the worker process is killed, not left to finish
+        assert not _alive(pid), f"the HiGHS worker {pid} kept running after the interrupt"
     for t in threading.enumerate():  # told to stop, HiGHS ends at its next check
         if t.name == "modelsplit-highs":
             t.join(30.0)

@@ -458,7 +458,7 @@ def test_bad_arguments_say_what_to_do() -> None:
     with pytest.raises(ValueError, match="needs chunks to be a multiple of"):
         step(Pipeline(four, ["cpu"] * 4, chunks=5, schedule="interleaved-1f1b", virtual_stages=2))
     pipe = Pipeline(stages, ["cpu"] * 3, chunks=3)
-    with pytest.raises(ValueError, match="loss_reduction must be 'mean' or 'sum'"):
+    with pytest.raises(ValueError, match="loss_reduction must be 'mean', 'sum' or a callable"):
         step(pipe, loss_reduction="none")
     with pytest.raises(StageError, match="stage 2 .* loss_fn must return a scalar tensor"):
         pipe.train_step(torch.randn(6, 8), target=torch.randn(6, 8), loss_fn=lambda o, t: o - t)
@@ -572,3 +572,66 @@ def test_model_splitter_refuses_an_unknown_schedule_before_tracing() -> None:
 
     with pytest.raises(ValueError, match=r"schedule must be None .* \(got '1F1B'\)"):
         ModelSplitter(nn.Linear(2, 2), devices=["cpu:0", "cpu:1"], schedule="1F1B")
+
+
+class _TokenLM(nn.Module):
+    """A tiny token model: (B, L) ids -> (B, L, V) logits, two stages."""
+
+    def __init__(self, vocab: int = 11, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.head = nn.Sequential(nn.Tanh(), nn.Linear(width, vocab))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_count_makes_a_token_mean_with_ignored_labels_exact(schedule: str) -> None:
+    lm = _TokenLM()
+    stages = [lm.embed, lm.head]
+    ids = torch.randint(0, 11, (6, 5))
+    labels = torch.randint(0, 11, (6, 5))
+    labels[0, 1:] = -100  # micro-batches of 2 rows hold 2, 10 and 10 counted tokens
+    labels[1, :4] = -100
+    reference = copy.deepcopy(lm)
+    want = _token_loss(reference.head(reference.embed(ids)), labels)
+    want.backward()
+    count = lambda t: (t != -100).sum()  # noqa: E731
+    pipe = Pipeline(stages, ["cpu"] * 2, chunks=3, schedule=schedule)
+    loss = pipe.train_step(ids, target=labels, loss_fn=_token_loss, loss_reduction=count)
+    torch.testing.assert_close(loss, want.detach())
+    _assert_same_grads(lm, reference)
+    # the same step weighted by rows is not the full batch's: the test can fail
+    for p in lm.parameters():
+        p.grad = None
+    by_rows = pipe.train_step(ids, target=labels, loss_fn=_token_loss)
+    assert abs(by_rows.item() - want.item()) > 1e-3
+    # a micro-batch whose labels are all ignored: its mean is 0/0, said, not averaged in
+    labels[:2] = -100
+    with pytest.raises(ValueError, match="micro-batch 0 of 3 has 0 items"):
+        pipe.train_step(ids, target=labels, loss_fn=_token_loss, loss_reduction=count)
+    with pytest.raises(ValueError, match="count failed on micro-batch 0 of 3"):
+        pipe.train_step(ids, target=labels, loss_fn=_token_loss, loss_reduction=lambda t: t.x)
+
+
+def test_model_splitter_train_step_takes_loss_reduction() -> None:
+    # It was passed on to the model as one of its keywords: a TraceError.
+    from partitioner import ModelSplitter
+
+    torch.manual_seed(0)
+    lm = _TokenLM().train()
+    ids, labels = torch.randint(0, 11, (8, 5)), torch.randint(0, 11, (8, 5))
+    labels[:2, 1:] = -100
+    reference = copy.deepcopy(lm)
+    want = _token_loss(reference(ids), labels)
+    want.backward()
+    splitter = ModelSplitter(lm, devices=["cpu:0", "cpu:1"], chunks=4, schedule="1f1b")
+    count = lambda t: (t != -100).sum()  # noqa: E731
+    loss = splitter.train_step(ids, target=labels, loss_fn=_token_loss, loss_reduction=count)
+    torch.testing.assert_close(loss, want.detach())
+    _assert_same_grads(lm, reference)

@@ -235,8 +235,9 @@ def _reduced(
         f"reducer={reducer!r} does not rebuild from {len(sizes)} micro-batches of "
         f"{list(sizes)} rows: {problem}. 'mean' weights micro-batches by rows, which is not "
         f"the model's own reduction when it is not a mean over rows (a token-level loss "
-        f"with ignored labels, -100); compute the loss outside the model from the gathered "
-        f"outputs, pass a reducer that rebuilds it, or use chunks=1"
+        f"with ignored labels, -100); compute the loss outside the model (train_step's "
+        f"loss_fn, with loss_reduction=lambda t: (t != -100).sum() counting each "
+        f"micro-batch's tokens, is exact), pass a reducer that rebuilds it, or use chunks=1"
     )
 
 
@@ -281,8 +282,9 @@ def warn_ignored_labels(kwargs: Mapping[str, Any], reducer: Any, chunks: int) ->
     warnings.warn(
         "labels hold ignored positions (-100): reducer='mean' weights each micro-batch's "
         "loss by its rows, not by the tokens it counts, so the loss and its gradients differ "
-        "from the unsplit model's where micro-batches count different tokens; compute a "
-        "token-weighted loss from the gathered logits, or use chunks=1",
+        "from the unsplit model's where micro-batches count different tokens; compute the "
+        "loss outside the model (train_step(..., loss_fn=..., loss_reduction=lambda t: "
+        "(t != -100).sum()) weighs micro-batches by counted tokens, exactly), or use chunks=1",
         UserWarning,
         stacklevel=3,
     )

@@ -1,20 +1,24 @@
 """Solve the partition ILP (`formulation`) with HiGHS or CBC: MIP starts, time limits, and
 the proven bound that the reported gap rests on.
 
+HiGHS runs in a worker process (`highs_proc`, [Note: HiGHS in a process]), which is killed
+when it runs past the deadline or on Ctrl-C. `_Run` below is the in-process fallback
+(``MODELSPLIT_HIGHS=thread``, or no worker process could start).
+
 [Note: stopping HiGHS]
-HiGHS runs on a worker thread of its own (`_Run`) while the calling thread waits on an
-Event, so the caller stays responsive. A Ctrl-C (KeyboardInterrupt) in the waiting thread,
-or the deadline passing, sets a flag that HiGHS reads through its MIP, simplex and IPM
-interrupt callbacks; it stops at its next check and keeps its incumbent. It checks between
-LP solves and nodes, not inside presolve, one LP or a sub-MIP heuristic, which on the
-benchmark's 2606-node graph can be seconds apart. So a Ctrl-C waits `CANCEL_WAIT` seconds
-for HiGHS and then raises anyway, and past the deadline HiGHS is waited for `STOP_WAIT`
-seconds, then its result is dropped (the plan `solve` had stands). A run left behind stops
-at its next check, or at its own time limit, which ends before the deadline: HiGHS watches
-the clock far more often than the interrupt flag. The thread is not a daemon, so an
-interpreter that exits meanwhile first waits for it: a daemon thread that calls back into
-Python during finalization aborts the process. Its HiGHS gets a thread scheduler of its
-own (HiGHS keeps one per calling thread), so a user's HiGHS run, whatever its
+In-process, HiGHS runs on a worker thread of its own (`_Run`) while the calling thread
+waits on an Event, so the caller stays responsive. A Ctrl-C (KeyboardInterrupt) in the
+waiting thread, or the deadline passing, sets a flag that HiGHS reads through its MIP,
+simplex and IPM interrupt callbacks; it stops at its next check and keeps its incumbent.
+It checks between LP solves and nodes, not inside presolve, one LP or a sub-MIP heuristic,
+which on the benchmark's 2606-node graph can be seconds apart (once, ~30 minutes in a
+sub-MIP's presolve: the reason for the worker process). So a Ctrl-C waits `CANCEL_WAIT`
+seconds for HiGHS and then raises anyway, and past the deadline HiGHS is waited for
+`STOP_WAIT` seconds, then its result is dropped (the plan `solve` had stands). A run left
+behind stops at its next check, or at its own time limit. The thread is not a daemon, so
+an interpreter that exits meanwhile first waits for it: a daemon thread that calls back
+into Python during finalization aborts the process. Its HiGHS gets a thread scheduler of
+its own (HiGHS keeps one per calling thread), so a user's HiGHS run, whatever its
 ``threads``, does not clash with ours.
 """
 
@@ -29,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from partitioner.planner import highs_proc
 from partitioner.planner.cost import Bandwidth, DeviceSpec
 from partitioner.planner.formulation import IlpInput, build_ilp, comm_ceiling, tie_weight
 from partitioner.planner.windows import stage_windows
@@ -148,6 +153,8 @@ def _highs_class(start: dict[str, float] | None, deadline: float) -> Any:
         """
 
         dropped = False  # HiGHS ran past the deadline and its result was not read
+        answer: highs_proc.Answer | None = None  # the worker process's answer
+        dual = float("nan")  # HiGHS's mip_dual_bound
 
         def createAndConfigureSolver(self, lp: Any) -> None:
             lp.solverModel = QuietHighs()
@@ -157,10 +164,21 @@ def _highs_class(start: dict[str, float] | None, deadline: float) -> Any:
 
         def callSolver(self, lp: Any) -> None:
             h = lp.solverModel
+            idx: list[int] = []
+            val: list[float] = []
             if start:
                 cols = {v.name: v.index for v in lp.variables()}
                 idx = [cols[name] for name in start if name in cols]
                 val = [start[name] for name in start if name in cols]
+            if not highs_proc.in_process():
+                try:
+                    job = highs_proc.job_of(h, idx, val, self.gapRel, _solver_limit(deadline))
+                    self.answer = highs_proc.run(job, deadline)
+                    self.dropped = self.answer is None
+                    return
+                except highs_proc.WorkerUnavailable as e:
+                    _fallback_warning(str(e))
+            if idx:
                 h.setSolution(
                     len(idx), np.array(idx, dtype=np.int32), np.array(val, dtype=np.float64)
                 )
@@ -171,7 +189,10 @@ def _highs_class(start: dict[str, float] | None, deadline: float) -> Any:
             none = (pulp.LpStatusNotSolved, pulp.LpSolutionNoSolutionFound)
             if self.dropped:
                 return none  # HiGHS may still be running: do not read its state
+            if self.answer is not None:
+                return highs_proc.assign(lp, self.answer)
             h = lp.solverModel
+            self.dual = float(h.getInfo().mip_dual_bound)
             interrupted = h.getModelStatus() == highspy.HighsModelStatus.kInterrupt
             feasible = int(highspy.SolutionStatus.kSolutionStatusFeasible)
             if interrupted and h.getInfo().primal_solution_status != feasible:
@@ -179,6 +200,11 @@ def _highs_class(start: dict[str, float] | None, deadline: float) -> Any:
             return super().findSolutionValues(lp)
 
     return WarmHiGHS
+
+
+@functools.cache
+def _fallback_warning(why: str) -> None:
+    log.warning("ilp: %s; HiGHS runs in this process instead (it cannot be killed)", why)
 
 
 def _start_values(stage: Sequence[int], prob: Any) -> dict[str, float]:
@@ -242,7 +268,7 @@ def solve_ilp(
     # term it also minimises comes off the bound afterwards, and a plan proven "within
     # gap" of the objective must stay within gap of the bottleneck.
     gap = GAP_MARGIN * gap
-    dropped = _run(prob, solver, start, gap, deadline)
+    dropped, dual = _run(prob, solver, start, gap, deadline)
     seconds = _time.perf_counter() - t0
     status = pulp.LpStatus[prob.status]
     if status == "Infeasible":
@@ -253,7 +279,7 @@ def solve_ilp(
         # memory and no edges) never reaches the solver and keeps varValue None: any stage
         # in its window is as good, and `_stage_of` takes the last one.
         stage = [_stage_of(i, x, lo[i], hi[i], K) for i in range(len(inp.time))]
-    bound = 0.0 if dropped else _bound(prob, solver, gap)
+    bound = 0.0 if dropped else _bound(prob, gap, dual)
     proven = prob.sol_status == pulp.LpSolutionOptimal and stage is not None
     if objective == "throughput":
         # the objective adds eps * comm <= eps * T-scale terms; remove it to bound T
@@ -270,19 +296,23 @@ def solve_ilp(
     return IlpResult(stage, bound, proven, False, solver, seconds)
 
 
-def _run(prob: Any, solver: str, start: Sequence[int] | None, gap: float, deadline: float) -> bool:
-    """Solve ``prob`` by ``deadline``; True when HiGHS ran past it and was dropped."""
+def _run(
+    prob: Any, solver: str, start: Sequence[int] | None, gap: float, deadline: float
+) -> tuple[bool, float]:
+    """Solve ``prob`` by ``deadline``: whether HiGHS ran past it and was dropped, and
+    HiGHS's dual bound (nan when none: CBC, dropped)."""
     values = _start_values(start, prob) if start is not None else None
     if solver == "highs":
         cmd = _highs_class(values, deadline)(msg=False, gapRel=gap)
         prob.solve(cmd)
-        return bool(cmd.dropped)
+        dual = cmd.answer.dual_bound if cmd.answer is not None else cmd.dual
+        return bool(cmd.dropped), float(dual)
     if values:
         for v in prob.variables():
             if v.name in values:
                 v.setInitialValue(values[v.name])
     prob.solve(_cbc(_solver_limit(deadline), gap, bool(values)))
-    return False
+    return False, float("nan")
 
 
 def _solver_limit(deadline: float) -> float:
@@ -307,7 +337,7 @@ def _stage_of(i: int, x: Any, lo: int, hi: int, K: int) -> int:
     return min(hi, K - 1)
 
 
-def _bound(prob: Any, solver: str, gap: float) -> float:
+def _bound(prob: Any, gap: float, dual: float) -> float:
     """The proven lower bound on the ILP's objective (0 when nothing is proven)."""
     import pulp
 
@@ -317,8 +347,6 @@ def _bound(prob: Any, solver: str, gap: float) -> float:
     proven = 0.0
     if prob.sol_status == pulp.LpSolutionOptimal and prob.objective is not None:
         proven = max(0.0, float(pulp.value(prob.objective)) * (1 - gap))
-    if solver == "highs":
-        reported = float(prob.solverModel.getInfo().mip_dual_bound)
-        if reported == reported and abs(reported) != float("inf"):
-            return max(reported, proven)
+    if dual == dual and abs(dual) != float("inf"):  # HiGHS's (nan from CBC)
+        return max(dual, proven)
     return proven
