@@ -105,7 +105,9 @@ def trace_profile_solve(
     """
     t0 = time.perf_counter()
     gm = capture(model, args, kwargs, opts.leaf_modules, opts.trace_mode)
-    check_batch_independence(model, args, kwargs, chunks, reducer)
+    check_batch_independence(
+        model, args, kwargs, chunks, reducer, as_stages=lambda: stage_thread_count(specs)
+    )
     t1 = time.perf_counter()
     graph = profile_for(gm, args, kwargs, specs, chunks, opts.cost)
     t2 = time.perf_counter()
@@ -165,13 +167,13 @@ def profile_for(
     The one profiling path of ModelSplitter, auto_partition and the CLI, so a plan made on
     the command line is the plan the API makes.
     """
-    with _stage_threads(specs):
+    with stage_thread_count(specs):
         return profile(gm, tuple(args), dict(kwargs), chunks=chunks, cost=cost)
 
 
 @contextlib.contextmanager
-def _stage_threads(specs: Sequence[DeviceSpec]) -> Iterator[None]:
-    """Profile with the intra-op threads a CPU stage worker will have.
+def stage_thread_count(specs: Sequence[DeviceSpec]) -> Iterator[None]:
+    """Run (profile, check) with the intra-op threads a CPU stage worker will have.
 
     Each CPU worker runs with max(1, cores // CPU stages) threads (see
     runtime.worker.stage_threads); timing nodes with all cores would measure a speed

@@ -24,6 +24,7 @@ from partitioner.autoplan import (
 from partitioner.capture.batching import warn_ignored_labels, warn_training_batch_norms
 from partitioner.capture.binding import describe_signature
 from partitioner.capture.checks import GRADS_OFF_KEY, guard_backward
+from partitioner.capture.verify import verify_split
 from partitioner.devices import (
     MemoryLike,
     check_available,
@@ -200,8 +201,7 @@ class ModelSplitter(nn.Module):
 
     @property
     def stages(self) -> list[torch.fx.GraphModule]:
-        current = self.__dict__["_current"]
-        return [] if current is None else list(current.stages)
+        return [] if self.__dict__["_current"] is None else list(self.__dict__["_current"].stages)
 
     @property
     def devices(self) -> list[str]:
@@ -213,8 +213,7 @@ class ModelSplitter(nn.Module):
 
     @property
     def pipeline(self) -> Any:
-        current = self.__dict__["_current"]
-        return None if current is None else current.pipeline
+        return None if self.__dict__["_current"] is None else self.__dict__["_current"].pipeline
 
     # -- running ------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -289,6 +288,7 @@ class ModelSplitter(nn.Module):
         stages = split(gm, plan)
         compiled = Compiled(plan, stages, None, graph, gm, self.__dict__["_generation"])
         compiled.pipeline = self._build_pipeline(stages, plan, compiled)
+        verify_split(self.model, compiled.pipeline, args, kwargs, GRADS_OFF_KEY not in gm.meta)
         return compiled
 
     def _reuse(self, args: Sequence[Any], kwargs: Mapping[str, Any], twin: Compiled) -> Any:

@@ -4,10 +4,11 @@
 `Pipeline.train_step` runs forward, loss and backward of every micro-batch in the order of
 ``actions(schedule, K, M, V)`` (`partitioner.planner.schedules`): K lists of actions
 ``(stage, kind, micro-batch)``, one per device, stage s on device s % K. One worker thread per
-device runs its list; the caller's thread is the scheduler. It submits the next action of a
-device as soon as what that action needs is done, so each worker meets its actions in the
-schedule's order and the memory follows the schedule (1F1B keeps at most K - k micro-batches
-alive on stage k, GPipe all M):
+device runs its list, each action as soon as what it needs is done (the workers themselves
+on CPU, the caller's thread as scheduler with GPUs: [Note: worker-driven steps] in
+`runtime.scheduling`), so each worker meets its actions in the schedule's order and the
+memory follows the schedule (1F1B keeps at most K - k micro-batches alive on stage k, GPipe
+all M):
 
 - ``F`` (s, i) needs the forwards of the stages whose values stage s reads (skip connections
   included: `runtime.route`). It reads detached copies of its inputs, so every task owns a
@@ -35,9 +36,6 @@ On CUDA each task runs on its stage's stream; values and gradients cross devices
 from __future__ import annotations
 
 import contextlib
-import queue
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,7 +59,6 @@ from runtime.microbatch import tree_leaves
 from runtime.recovery.faults import StageTimeout
 from runtime.route import CALLER
 from runtime.stream import Event, record_event, use_stream
-from runtime.worker import InQueue, OutQueue, Task
 
 if TYPE_CHECKING:
     from runtime.pipeline import Pipeline
@@ -132,8 +129,6 @@ class Executor:
         self.done: set[Key] = set()
         #: the actions each device's worker started, in order (`TrainRecord.order`)
         self.order: list[list[str]] = [[] for _ in range(self.k)]
-        self.queued: list[deque[tuple[Key, float]]] = [deque() for _ in range(self.k)]
-        self.since = [0.0] * self.k
         self.left = [dict(self.uses) for _ in envs]
         for env in envs:
             for name in [name for name in env if not self.uses.get(name)]:
@@ -167,75 +162,37 @@ class Executor:
         loss = [(self.n - 1, "F", i)] if self.feeds_loss[s] else []
         return [(s, "F", i), *after, *loss]
 
-    # -- the scheduler loop ---------------------------------------------------------
-    def run(self, in_queues: Sequence[InQueue], out_queue: OutQueue) -> None:
-        """Submit every device's actions in order, each once its needs are done, and take
-        the results, until every action is done; the first failure is raised."""
-        heads = [0] * self.k
-        total = sum(len(ops) for ops in self.plan)
-        while len(self.done) < total:
-            for d, ops in enumerate(self.plan):
-                while heads[d] < len(ops) and all(
-                    x in self.done for x in self.needs(ops[heads[d]])
-                ):
-                    self._submit(in_queues[d], d, ops[heads[d]])
-                    heads[d] += 1
-            if not any(self.queued):
-                stuck = [
-                    str(ops[h]) for h, ops in zip(heads, self.plan, strict=True) if h < len(ops)
-                ]
-                raise RuntimeError(f"the schedule deadlocks, each device waiting: {stuck}")
-            self._receive(out_queue)
-
-    def _submit(self, in_queue: InQueue, d: int, key: Key) -> None:
+    # -- one action: built, run elsewhere, finished (runtime.scheduling) -----------
+    def build(self, key: Key) -> Callable[[], Any]:
+        """Action ``key``'s task: its inputs are taken now, its ``compute`` runs later."""
         s, kind, i = key
         if kind == "F":
-            compute = self._forward(i, s)
+            return self._forward(i, s)
+        return self._backward(i, s) if kind == "B" else self._weight_grad(i, s)
+
+    def finish(self, key: Key, payload: Any) -> None:
+        """Record what action ``key``'s compute returned; it is done."""
+        s, kind, i = key
+        if kind == "F":
+            self._forward_done(i, s, *payload)
         elif kind == "B":
-            compute = self._backward(i, s)
+            self._backward_done(i, s, *payload)
         else:
-            compute = self._weight_grad(i, s)
-        name, order = f"{s}{kind}{i}", self.order[d]
+            self.last[s] = payload
+        self.done.add(key)
 
-        def started() -> Any:
-            order.append(name)
-            return compute()
+    def failed(self, key: Key, exc: BaseException) -> BaseException:
+        """What the caller raises for action ``key``'s exception: a `StageError`, or a
+        KeyboardInterrupt / SystemExit as it is."""
+        if not isinstance(exc, Exception):
+            return exc
+        s, _, i = key
+        return StageError(s, str(self.pipe.devices[s]), i, exc)
 
-        now = time.monotonic()
-        if not self.queued[d]:
-            self.since[d] = now
-        self.queued[d].append((key, now))
-        in_queue.put(Task(i, s, started, kind=kind))
-
-    def _receive(self, out_queue: OutQueue) -> None:
-        timeout = self.pipe.stage_timeout
-        try:
-            ok, (task, payload) = out_queue.get(timeout=timeout)
-        except queue.Empty:
-            err = self._timed_out(timeout)
-            raise err from err.original
-        d = task.j % self.k
-        self.queued[d].popleft()
-        self.since[d] = time.monotonic()
-        if not ok:
-            if payload is None:  # skipped while stopping; cannot come before a failure
-                return
-            if not isinstance(payload, Exception):  # KeyboardInterrupt, SystemExit: as is
-                raise payload
-            raise StageError(task.j, str(self.pipe.devices[task.j]), task.i, payload) from payload
-        if task.kind == "F":
-            self._forward_done(task.i, task.j, *payload)
-        elif task.kind == "B":
-            self._backward_done(task.i, task.j, *payload)
-        else:
-            self.last[task.j] = payload
-        self.done.add((task.j, task.kind, task.i))
-
-    def _timed_out(self, timeout: float | None) -> StageError:
-        """No result for ``timeout`` seconds: the device whose task has run longest is the
-        one not answering; a `StageError` wrapping `StageTimeout` names its action."""
-        waiting = [(max(self.since[d], q[0][1]), d) for d, q in enumerate(self.queued) if q]
-        (s, kind, i), _ = self.queued[min(waiting)[1]][0]
+    def stalled(self, key: Key, timeout: float | None) -> StageError:
+        """Action ``key`` gave no answer for ``timeout`` seconds: a `StageError` wrapping
+        `StageTimeout` that names it."""
+        s, kind, i = key
         device = str(self.pipe.devices[s])
         why = f"no answer within {timeout}s in {_PHASES[kind]} ({s}{kind}{i})"
         return StageError(s, device, i, StageTimeout(device, why))

@@ -41,6 +41,7 @@ from runtime.executor import Executor, LossFn
 from runtime.grads import own, sum_grads, sum_stages, wants_grad
 from runtime.microbatch import scatter, tree_leaves
 from runtime.route import CALLER
+from runtime.scheduling import by_caller, by_workers
 from runtime.stream import current_stream, wait_event
 from runtime.worker import WorkerSpec, available_cores, spawn_workers, stage_threads
 
@@ -176,10 +177,19 @@ def _run(pipe: Pipeline, step: Executor, k: int) -> None:
                 _,
             ),
         ):
-            step.run(in_queues, out_queue)
+            if worker_driven(pipe):
+                by_workers(step, in_queues)
+            else:
+                by_caller(step, in_queues, out_queue)
     finally:
         # [Note: intra-op threads] in runtime/worker.py
         torch.set_num_threads(threads_before)
+
+
+def worker_driven(pipe: Pipeline) -> bool:
+    """Whether the workers run the schedule themselves: CPU-only pipelines ([Note:
+    worker-driven steps] in `runtime.scheduling`)."""
+    return bool(pipe._transfer.cpu_only)
 
 
 def _write_grads(step: Executor) -> None:

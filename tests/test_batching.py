@@ -187,3 +187,34 @@ def test_small_gradients_are_compared_to_their_own_size() -> None:
     with pytest.raises(ModelSplitError, match=r"gradient of 'lin\.weight' differs"):
         check_batch_independence(_Tiny(), (x,), {}, 4)
     check_batch_independence(_Tiny(), (x,), {}, 2)
+
+
+def test_the_micro_batches_run_with_the_stages_threads() -> None:
+    # torch's oneDNN kernels can give other gradients at one intra-op thread than at two
+    # (ResNet-50 on one-row micro-batches): the check runs them as the stages will.
+    import contextlib
+
+    seen: list[tuple[int, int]] = []
+
+    class Records(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((x.shape[0], torch.get_num_threads()))
+            return self.lin(x)
+
+    @contextlib.contextmanager
+    def one_thread():  # type: ignore[no-untyped-def]
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    caller = torch.get_num_threads()
+    check_batch_independence(Records(), (torch.randn(4, 4),), {}, 2, as_stages=one_thread)
+    assert seen == [(4, caller), (2, 1), (2, 1)]
+    assert torch.get_num_threads() == caller

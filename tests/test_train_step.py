@@ -67,8 +67,21 @@ def _unsplit(
     return reference, loss.detach()
 
 
+@pytest.fixture(params=["workers", "caller"])
+def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both scheduling loops ([Note: worker-driven steps]): the workers' own (CPU), and the
+    caller's (what CUDA pipelines run), forced here on CPU."""
+    import runtime.training
+
+    if request.param == "caller":
+        monkeypatch.setattr(runtime.training, "worker_driven", lambda pipe: False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("schedule", "k", "m", "v", "batch"), CASES)
-def test_mlp_matches_the_unsplit_model(schedule: str, k: int, m: int, v: int, batch: int) -> None:
+def test_mlp_matches_the_unsplit_model(
+    schedule: str, k: int, m: int, v: int, batch: int, loop: str
+) -> None:
     model = _blocks(k * v)
     x = torch.randn(batch, 8, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
@@ -417,7 +430,7 @@ class _Stalls(nn.Module):
 
 
 @pytest.mark.parametrize(("schedule", "where"), [("1f1b", "backward"), ("zero-bubble", "forward")])
-def test_a_stall_hits_stage_timeout(schedule: str, where: str) -> None:
+def test_a_stall_hits_stage_timeout(schedule: str, where: str, loop: str) -> None:
     stalls = _Stalls(at=1, where=where)
     stages = [nn.Linear(8, 8), stalls, nn.Linear(8, 2)]
     before = threading.active_count()
@@ -635,3 +648,32 @@ def test_model_splitter_train_step_takes_loss_reduction() -> None:
     loss = splitter.train_step(ids, target=labels, loss_fn=_token_loss, loss_reduction=count)
     torch.testing.assert_close(loss, want.detach())
     _assert_same_grads(lm, reference)
+
+
+def test_a_schedule_that_deadlocks_is_an_error_not_a_hang(monkeypatch, loop: str) -> None:  # type: ignore[no-untyped-def]
+    import runtime.training
+    from partitioner.planner.schedules import Action
+
+    # device 0 starts with the backward of a micro-batch it has not run forward
+    bad = [
+        [Action(0, "B", 0), Action(0, "F", 0)],
+        [Action(1, "F", 0), Action(1, "B", 0)],
+    ]
+    monkeypatch.setattr(runtime.training._schedule, "actions", lambda *a: bad)
+    pipe = Pipeline(list(_blocks(2)), ["cpu"] * 2, chunks=1, schedule="gpipe")
+    before = threading.active_count()
+    with pytest.raises((StageError, RuntimeError), match="the schedule deadlocks"):
+        pipe.train_step(torch.randn(2, 8), target=torch.randn(2, 8), loss_fn=F.mse_loss)
+    assert threading.active_count() == before
+
+
+def test_a_failing_stage_stops_the_step_in_both_loops(loop: str) -> None:
+    class Fails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("broken stage")
+
+    pipe = Pipeline([nn.Linear(8, 8), Fails()], ["cpu"] * 2, chunks=4, schedule="1f1b")
+    before = threading.active_count()
+    with pytest.raises(StageError, match="stage 1 on cpu failed on micro-batch 0: .*broken stage"):
+        pipe.train_step(torch.randn(8, 8), target=torch.randn(8, 8), loss_fn=F.mse_loss)
+    assert threading.active_count() == before

@@ -11,7 +11,12 @@ mode with the random stream forked (dropout off, BatchNorm on its running statis
 model's state put back), and a difference is a `ModelSplitError` naming the output and the
 fixes. The parameter gradients of a loss over the batched outputs are compared the same way
 (models up to 1 GiB of parameters): timm's XCiT and LeViT give other gradients on one-row
-micro-batches, run unsplit too, with outputs that agree. BatchNorm in training normalises
+micro-batches, run unsplit too, with outputs that agree. The micro-batches run with the
+intra-op threads each CPU stage will have (``as_stages``): torch 2.14's oneDNN kernels give
+ResNet-50 gradients up to 6% off on one-row micro-batches at one thread, not at two (the
+whole batch runs with the caller's threads, as the unsplit model does); a gradient that
+differs is re-checked with oneDNN off, and when that agrees the error says so. BatchNorm in
+training normalises
 each micro-batch with its own statistics: that is GPipe's documented semantics, so it is a
 warning naming the layers, not an error.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +44,7 @@ from runtime.microbatch import Reducer, gather, scatter
 
 __all__ = [
     "check_batch_independence",
+    "differs",
     "training_batch_norms",
     "warn_ignored_labels",
     "warn_training_batch_norms",
@@ -77,9 +83,11 @@ def check_batch_independence(
     kwargs: Mapping[str, Any],
     chunks: int,
     reducer: Reducer | None = None,
+    as_stages: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> None:
     """Raise `ModelSplitError` when ``chunks`` micro-batches of the example call give
-    another output than the whole batch: see [Note: batch independence]."""
+    another output than the whole batch: see [Note: batch independence]. The micro-batches
+    run inside ``as_stages()`` (the stages' intra-op threads)."""
     call = (tuple(args), dict(kwargs))
     batch = batch_size(*call)
     if chunks < 2 or batch is None or batch < 2 or _on_meta(model, call):
@@ -89,24 +97,34 @@ def check_batch_independence(
     grads = bool(params) and sum(p.numel() * p.element_size() for p in params) <= GRAD_CHECK_BYTES
     with preserved_state(model), _evaluating(model):
         try:  # one set of runs serves the outputs and, when checked, the gradients
-            whole, parts = _runs(model, call, pieces, sizes, grads)
+            whole, parts = _runs(model, call, pieces, sizes, grads, as_stages)
         except RuntimeError:  # no backward to compare (the model's own limits)
             grads = False
-            whole, parts = _runs(model, call, pieces, sizes, grads)
+            whole, parts = _runs(model, call, pieces, sizes, grads, as_stages)
         _check_outputs(model, whole, parts, sizes, reducer)
         if grads:
-            _check_gradients(model, params, whole, parts, sizes)
+            with as_stages():
+                problem = _check_gradients(model, params, whole, parts, sizes)
+            if problem is not None:
+                raise _cut_gradients(model, params, call, pieces, sizes, problem, as_stages)
 
 
 def _runs(
-    model: nn.Module, call: Any, pieces: list[Any], sizes: Sequence[int], grads: bool
+    model: nn.Module,
+    call: Any,
+    pieces: list[Any],
+    sizes: Sequence[int],
+    grads: bool,
+    as_stages: Callable[[], contextlib.AbstractContextManager[Any]],
 ) -> tuple[Any, list[Any]]:
-    """The model on the whole batch, then on each micro-batch (with autograd if ``grads``)."""
+    """The model on the whole batch, then on each micro-batch inside ``as_stages()`` (with
+    autograd if ``grads``)."""
     with torch.enable_grad() if grads else torch.no_grad():
         before = {n: b.clone() for n, b in model.named_buffers()}
         whole = model(*call[0], **call[1])
         _warn_counters(model, before, len(sizes))
-        return whole, [model(*a, **k) for a, k in pieces]
+        with as_stages():
+            return whole, [model(*a, **k) for a, k in pieces]
 
 
 def _check_outputs(
@@ -124,7 +142,7 @@ def _check_outputs(
     if spec != got_spec:
         raise _mixed(model, sizes, "the output structure changes with the batch")
     for k, (w, g) in enumerate(zip(want, got, strict=True)):
-        problem = _differs(w, g)
+        problem = differs(w, g)
         if problem and isinstance(w, torch.Tensor) and w.dim() == 0:
             raise _reduced(model, sizes, reducer, f"output leaf {k} {problem}")
         if problem:
@@ -137,13 +155,14 @@ def _check_gradients(
     whole: Any,
     parts: list[Any],
     sizes: Sequence[int],
-) -> None:
+) -> tuple[str, str] | None:
     """The outputs agree; the parameter gradients must too (a model can break that alone:
-    timm's LeViT and XCiT give other gradients on one-row micro-batches, run unsplit too)."""
+    timm's LeViT and XCiT give other gradients on one-row micro-batches, run unsplit too).
+    The first parameter that differs and how, or None."""
     full = square_loss(whole, batched_only=True)
     split = square_loss(gather(parts, sizes, _skip), batched_only=True)
     if full is None or split is None:
-        return
+        return None
     try:
         # retain: a model may cache a tensor with its graph across calls (timm's LeViT
         # keeps its attention biases in eval mode), which the second grad reads again
@@ -151,7 +170,7 @@ def _check_gradients(
         got = torch.autograd.grad(split, params, allow_unused=True)
     except RuntimeError as exc:  # no backward to compare (the model's own limits)
         log.debug("batch independence: gradients not compared (%s)", exc)
-        return
+        return None
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     # Gradients are as small as the loss makes them (LeViT's reach 4e-6): compare each to
     # its own size, with a floor relative to the largest, not to a fixed ATOL.
@@ -160,14 +179,48 @@ def _check_gradients(
         if w is None and g is None:
             continue
         zero = torch.zeros_like(p)
-        problem = _differs(zero if w is None else w, zero if g is None else g, floor)
+        problem = differs(zero if w is None else w, zero if g is None else g, floor)
         if problem:
-            raise ModelSplitError(
-                f"{type(model).__name__}'s gradients depend on how the batch is cut: run as "
-                f"{len(sizes)} micro-batches of {list(sizes)} rows its outputs agree with the "
-                f"whole batch's, but the gradient of {name!r} {problem}; use bigger "
-                f"micro-batches (fewer chunks) or chunks=1"
+            return name, problem
+    return None
+
+
+def _cut_gradients(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    call: Any,
+    pieces: list[Any],
+    sizes: Sequence[int],
+    problem: tuple[str, str],
+    as_stages: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> ModelSplitError:
+    """The error for gradients that differ on micro-batches; when they agree with oneDNN
+    off, torch's oneDNN kernels are named as the cause, with that remedy."""
+    name, how = problem
+    cause = ""
+    if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        with torch.backends.mkldnn.flags(enabled=False):
+            whole, parts = _runs(model, call, pieces, sizes, True, as_stages)
+            with as_stages():
+                again = _check_gradients(model, params, whole, parts, sizes)
+        if again is None:
+            threads = _threads_in(as_stages)
+            cause = (
+                f" (torch's oneDNN kernels compute them so at {threads} intra-op thread(s) "
+                f"per stage, as the stages run; with torch.backends.mkldnn.enabled = False "
+                f"they agree, at some speed)"
             )
+    return ModelSplitError(
+        f"{type(model).__name__}'s gradients depend on how the batch is cut: run as "
+        f"{len(sizes)} micro-batches of {list(sizes)} rows its outputs agree with the whole "
+        f"batch's, but the gradient of {name!r} {how}{cause}; use bigger micro-batches "
+        f"(fewer chunks) or chunks=1"
+    )
+
+
+def _threads_in(as_stages: Callable[[], contextlib.AbstractContextManager[Any]]) -> int:
+    with as_stages():
+        return torch.get_num_threads()
 
 
 def _warn_counters(model: nn.Module, before: dict[str, torch.Tensor], chunks: int) -> None:
@@ -196,7 +249,7 @@ def _on_meta(model: nn.Module, call: Any) -> bool:
     return any(t.is_meta for t in tensors)
 
 
-def _differs(whole: Any, split: Any, atol: float = ATOL) -> str | None:
+def differs(whole: Any, split: Any, atol: float = ATOL) -> str | None:
     if isinstance(split, _Skip):
         return None
     if not isinstance(whole, torch.Tensor) or not isinstance(split, torch.Tensor):

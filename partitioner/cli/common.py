@@ -298,12 +298,18 @@ def profile_setup(
     setup: Setup, args: argparse.Namespace, opts: PlannerOptions, step: Any
 ) -> nx.DiGraph:
     """Trace and profile as ModelSplitter does (one path: `partitioner.autoplan`)."""
-    from partitioner.autoplan import capture, profile_for
+    from partitioner.autoplan import capture, profile_for, stage_thread_count
     from partitioner.capture.batching import check_batch_independence
 
     step(f"tracing {type(setup.model).__name__}")
     gm = capture(setup.model, setup.args, setup.kwargs, mode=args.trace_mode)
-    check_batch_independence(setup.model, setup.args, setup.kwargs, opts.chunks)
+    check_batch_independence(
+        setup.model,
+        setup.args,
+        setup.kwargs,
+        opts.chunks,
+        as_stages=lambda: stage_thread_count(opts.devices),
+    )
     if opts.training is not None:  # profile the training costs (bwd_time, saved tensors)
         gm.meta["modelsplit_training"] = True
     step(f"profiling {len(gm.graph.nodes)} nodes", hand_over=True)
