@@ -15,10 +15,10 @@ micro-batches, run unsplit too, with outputs that agree. The micro-batches run w
 intra-op threads each CPU stage will have (``as_stages``): torch 2.14's oneDNN kernels give
 ResNet-50 gradients up to 6% off on one-row micro-batches at one thread, not at two (the
 whole batch runs with the caller's threads, as the unsplit model does); a gradient that
-differs is re-checked with oneDNN off, and when that agrees the error says so. BatchNorm in
-training normalises
-each micro-batch with its own statistics: that is GPipe's documented semantics, so it is a
-warning naming the layers, not an error.
+differs is re-checked with oneDNN off, and when that agrees the error says so. (What the
+pipeline itself computes is checked once it is built: [Note: verifying the split].)
+BatchNorm in training normalises each micro-batch with its own statistics: that is GPipe's
+documented semantics, so it is a warning naming the layers, not an error.
 """
 
 from __future__ import annotations
