@@ -730,6 +730,25 @@ add(
 )
 
 
+def _token_mean() -> Any:
+    from runtime import token_mean
+
+    return token_mean("labels", shift=1)  # GPT-2 predicts token t + 1 at position t
+
+
+add(
+    Entry(
+        "trap_gpt2_labels_token_mean",
+        "trap",
+        _gpt2,
+        _gpt2_labels_inputs,
+        "transformers",
+        options={"reducer": _token_mean()},
+        expect="the same loss with reducer=token_mean(shift=1): exact",
+    )
+)
+
+
 @trap("shared_module_twice", features(D), "exact (one Linear called at two depths)")
 class SharedModuleTwice(nn.Module):
     def __init__(self) -> None:

@@ -23,6 +23,7 @@ from partitioner import (
 if TYPE_CHECKING:
     from partitioner import ModelSplitter, auto_partition, profile, solve, split, trace
     from runtime import (
+        CountedMean,
         DeviceFailure,
         Pipeline,
         RecoveryError,
@@ -32,10 +33,12 @@ if TYPE_CHECKING:
         clock_cycles,
         format_schedule,
         inject_failure,
+        token_mean,
     )
 
 _PARTITIONER = ("ModelSplitter", "auto_partition", "profile", "solve", "split", "trace")
 _RUNTIME = (
+    "CountedMean",
     "DeviceFailure",
     "Pipeline",
     "RecoveryError",
@@ -45,9 +48,11 @@ _RUNTIME = (
     "clock_cycles",
     "format_schedule",
     "inject_failure",
+    "token_mean",
 )
 
 __all__ = [
+    "CountedMean",
     "DeviceFailure",
     "DeviceSpec",
     "InfeasiblePlanError",
@@ -69,6 +74,7 @@ __all__ = [
     "profile",
     "solve",
     "split",
+    "token_mean",
     "trace",
 ]
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from runtime.errors import StageError
+from runtime.microbatch import CountedMean, token_mean
 from runtime.pipeline import Pipeline, RunRecord
 from runtime.recovery.drill import inject_failure
 from runtime.recovery.faults import DeviceFailure, RecoveryError, StageTimeout
 from runtime.schedule import clock_cycles, format_schedule
 
 __all__ = [
+    "CountedMean",
     "DeviceFailure",
     "Pipeline",
     "RecoveryError",
@@ -18,4 +20,5 @@ __all__ = [
     "clock_cycles",
     "format_schedule",
     "inject_failure",
+    "token_mean",
 ]

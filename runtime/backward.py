@@ -99,15 +99,17 @@ def attach(
     caller: list[dict[str, Any]],
     pieces: list[list[Any]],
     sizes: list[int],
+    reducer: Any,
 ) -> list[Any]:
-    """The gathered output leaves, differentiable through the pipelined backward.
+    """The gathered output leaves (``reducer``: this call's), differentiable through the
+    pipelined backward.
 
     ``caller[i]`` holds micro-batch i's values from the caller (their slices, attached to
     the caller's graph), ``pieces[i]`` its output leaves (attached to the last tasks).
     """
     ends = [[detached(v) for v in piece] for piece in pieces]
     with torch.enable_grad():
-        gathered = gather(ends, sizes, pipe.reducer)
+        gathered = gather(ends, sizes, reducer)
     # An output value may be a pytree (a plain stage returning a tuple): work leaf by leaf.
     flat = [pytree.tree_flatten(value) for value in gathered]
     diff = [

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from runtime import schedule as _schedule
-from runtime.microbatch import REDUCERS, Reducer
+from runtime.microbatch import REDUCERS, CountedMean, Reducer
 from runtime.stream import as_device
 
 __all__ = [
@@ -61,8 +61,11 @@ def check_args(
         raise ValueError(f"one device per stage ({len(devices)} devices, {len(stages)} stages)")
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"chunks must be a positive integer ({chunks!r})")
-    if reducer is not None and not callable(reducer) and reducer not in REDUCERS:
-        raise ValueError(f"reducer must be 'mean', 'sum' or a callable ({reducer!r})")
+    known = callable(reducer) or reducer in REDUCERS or isinstance(reducer, CountedMean)
+    if reducer is not None and not known:
+        raise ValueError(
+            f"reducer must be 'mean', 'sum', a callable or a CountedMean ({reducer!r})"
+        )
     if on_failure not in ("raise", "replan"):
         raise ValueError(f"on_failure must be 'raise' or 'replan' (got {on_failure!r})")
     if stage_timeout is not None and not stage_timeout > 0:

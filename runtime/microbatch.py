@@ -15,11 +15,15 @@
 - A leaf without a batch dimension (a scalar loss, a statistic over the batch) has no
   meaningful concatenation: it is a ValueError unless a reducer is given. Non-tensor leaves
   equal across micro-batches (None, a flag) are kept as they are.
+- A `CountedMean` reducer (`token_mean`) weights each micro-batch's value by the items it
+  counts in that micro-batch's inputs, not by its rows: a mean over tokens whose number
+  differs between micro-batches (labels with ignored positions) is then the full batch's.
+  Each call binds it to its micro-batches (`CountedMean.bind`) before gathering.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -27,12 +31,15 @@ import torch
 import torch.utils._pytree as pytree
 
 __all__ = [
+    "CountedMean",
     "Reducer",
     "batch_size",
+    "bound",
     "gather",
     "reduce_values",
     "scatter",
     "tree_leaves",
+    "token_mean",
     "tree_map",
 ]
 
@@ -40,6 +47,58 @@ __all__ = [
 # loss), "sum", or a callable from the per-micro-batch values to one value.
 Reducer = str | Callable[[list[Any]], Any]
 REDUCERS = ("mean", "sum")
+
+
+class CountedMean:
+    """A reducer: the mean of the micro-batches' values weighted by ``count(args, kwargs)``
+    of each micro-batch's own inputs (an int or a 0-dim tensor), not by its rows."""
+
+    def __init__(self, count: Callable[[tuple[Any, ...], dict[str, Any]], Any]) -> None:
+        if not callable(count):
+            raise TypeError(f"CountedMean needs a callable count(args, kwargs) ({count!r})")
+        self.count = count
+
+    def bind(self, pieces: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> Reducer:
+        """The reducer of one call whose micro-batches' inputs are ``pieces``."""
+        counts = []
+        for i, (args, kwargs) in enumerate(pieces):
+            n = self.count(args, kwargs)
+            n = int(n.item()) if isinstance(n, torch.Tensor) else int(n)
+            if n <= 0:
+                raise ValueError(
+                    f"micro-batch {i} of {len(pieces)} counts {n} items (every label "
+                    f"ignored?): its mean is 0/0, which no weight makes the full batch's; "
+                    f"use fewer chunks"
+                )
+            counts.append(n)
+        total = sum(counts)
+        return lambda values: _sum([v * (c / total) for v, c in zip(values, counts, strict=True)])
+
+    def __repr__(self) -> str:
+        return f"CountedMean({getattr(self.count, '__name__', self.count)!r})"
+
+
+def bound(reducer: Any, args: Sequence[Any], kwargs: Mapping[str, Any], chunks: int) -> Any:
+    """``reducer`` for one call of ``args``/``kwargs`` in ``chunks`` micro-batches: a
+    `CountedMean` bound to their counts, any other reducer as it is."""
+    if not isinstance(reducer, CountedMean):
+        return reducer
+    return reducer.bind(scatter((tuple(args), dict(kwargs)), chunks)[0])
+
+
+def token_mean(labels: str = "labels", ignore_index: int = -100, shift: int = 0) -> CountedMean:
+    """A `CountedMean` over the tokens of keyword input ``labels`` that are not
+    ``ignore_index``, after dropping the first ``shift`` positions of the last dimension
+    (1 for a Hugging Face causal LM, which predicts token t + 1 from position t)."""
+
+    def count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if labels not in kwargs:
+            raise ValueError(f"token_mean counts keyword input {labels!r}, not in this call")
+        t = kwargs[labels]
+        return (t[..., shift:] != ignore_index).sum()
+
+    count.__name__ = f"tokens of {labels!r} != {ignore_index}"
+    return CountedMean(count)
 
 
 def _is_batched(leaf: Any) -> bool:
@@ -181,6 +240,8 @@ def _equal(a: Any, b: Any) -> bool:
 
 def gather(outputs: list[Any], sizes: Sequence[int], reducer: Reducer | None = None) -> Any:
     """Merge per-micro-batch outputs (same pytree structure) into the full-batch output."""
+    if isinstance(reducer, CountedMean):
+        raise TypeError("a CountedMean is bound to a call's micro-batches first (bind)")
     if reducer is not None and not callable(reducer) and reducer not in REDUCERS:
         raise ValueError(f"reducer must be 'mean', 'sum' or a callable ({reducer!r})")
     flat = [tree_leaves(out) for out in outputs]

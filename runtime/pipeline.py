@@ -20,7 +20,7 @@ from runtime.checks import DeviceLike, check_args, check_schedule_option, parse_
 from runtime.errors import StageError
 from runtime.grads import copied, detached
 from runtime.interface import Const
-from runtime.microbatch import Reducer, gather, scatter
+from runtime.microbatch import Reducer, bound, gather, scatter
 from runtime.mutation import mutated_inputs
 from runtime.recovery.faults import StageTimeout
 from runtime.recovery.watch import gate
@@ -194,6 +194,7 @@ class Pipeline(nn.Module):
         if self._transfer.cpu_only:
             env = self._transfer.to_cpu(env)
         batches, sizes = scatter(env, chunks)
+        reducer = bound(reducer, args, kwargs, chunks)  # a CountedMean: this call's counts
         record = self.last_run = RunRecord(sizes)
         run = _Run(self, [dict(b) for b in batches], record)
         # The caller's values per micro-batch, for the pipelined backward's input gradients.
@@ -223,7 +224,7 @@ class Pipeline(nn.Module):
             torch.set_num_threads(threads_before)
         pieces = [run.leaves(i, consts=False) for i in range(len(sizes))]
         if run.graphs is not None:
-            leaves = _backward.attach(self, run.graphs, caller, pieces, sizes)
+            leaves = _backward.attach(self, run.graphs, caller, pieces, sizes, reducer)
         else:
             leaves = gather(pieces, sizes, reducer)
         return self._route.unflatten(_put_consts(leaves, self._route.output_leaves)), record

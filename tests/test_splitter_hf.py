@@ -112,3 +112,51 @@ def test_a_mean_over_labels_with_ignored_positions_says_it_is_not_the_unsplit_lo
         warnings.simplefilter("error")
         splitter(input_ids=x, labels=labels)  # said once
         splitter(input_ids=x, labels=x)  # nothing ignored: the row-weighted mean is exact
+
+
+@pytest.mark.parametrize("backward", ["autograd", "pipelined"])
+def test_token_mean_makes_the_loss_over_ignored_labels_exact(backward: str) -> None:
+    # Hugging Face's causal-LM loss is a mean over the shifted labels that are not -100:
+    # token_mean(shift=1) weights each micro-batch by those, so loss and gradients are the
+    # unsplit model's (reducer="mean" weights by rows: off where micro-batches count
+    # different tokens).
+    from runtime import token_mean
+
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    reference = copy.deepcopy(model)
+    x = ids(6)
+    labels = x.clone()
+    labels[0, 2:] = -100  # micro-batches of 2 rows count 8, 14 and 14 tokens
+    labels[1, :5] = -100
+    want = reference(input_ids=x, labels=labels).loss
+    want.backward()
+    splitter = ModelSplitter(
+        model,
+        num_devices=2,
+        chunks=3,
+        time_limit=5,
+        backward=backward,
+        reducer=token_mean("labels", shift=1),
+        example_kwargs={"input_ids": x, "labels": labels},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "rows, not tokens" warning
+        got = splitter(input_ids=x, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if b.grad is None:
+            assert a.grad is None or not a.grad.any(), name
+            continue
+        torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-4, atol=1e-6)
+    by_rows = ModelSplitter(
+        copy.deepcopy(reference), num_devices=2, chunks=3, time_limit=5, reducer="mean"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        off = by_rows(input_ids=x, labels=labels).loss
+    assert abs(off.item() - want.item()) > 1e-3  # the test can fail
+    labels[:2] = -100  # micro-batch 0 counts no token: its mean is 0/0
+    with pytest.raises(ValueError, match="micro-batch 0 of 3 counts 0 items"):
+        splitter(input_ids=x, labels=labels)

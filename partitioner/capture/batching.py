@@ -40,7 +40,7 @@ from partitioner.capture.checks import (
     square_loss,
 )
 from partitioner.errors import ModelSplitError
-from runtime.microbatch import Reducer, gather, scatter
+from runtime.microbatch import Reducer, bound, gather, scatter
 
 __all__ = [
     "check_batch_independence",
@@ -101,7 +101,7 @@ def check_batch_independence(
         except RuntimeError:  # no backward to compare (the model's own limits)
             grads = False
             whole, parts = _runs(model, call, pieces, sizes, grads, as_stages)
-        _check_outputs(model, whole, parts, sizes, reducer)
+        _check_outputs(model, whole, parts, sizes, bound(reducer, args, kwargs, chunks))
         if grads:
             with as_stages():
                 problem = _check_gradients(model, params, whole, parts, sizes)
@@ -288,9 +288,9 @@ def _reduced(
         f"reducer={reducer!r} does not rebuild from {len(sizes)} micro-batches of "
         f"{list(sizes)} rows: {problem}. 'mean' weights micro-batches by rows, which is not "
         f"the model's own reduction when it is not a mean over rows (a token-level loss "
-        f"with ignored labels, -100); compute the loss outside the model (train_step's "
-        f"loss_fn, with loss_reduction=lambda t: (t != -100).sum() counting each "
-        f"micro-batch's tokens, is exact), pass a reducer that rebuilds it, or use chunks=1"
+        f"with ignored labels, -100): pass reducer=runtime.token_mean('labels', shift=1) "
+        f"(a causal LM's shifted labels; shift=0 otherwise), which weights micro-batches by "
+        f"their counted tokens, or another reducer that rebuilds it, or use chunks=1"
     )
 
 
@@ -335,9 +335,9 @@ def warn_ignored_labels(kwargs: Mapping[str, Any], reducer: Any, chunks: int) ->
     warnings.warn(
         "labels hold ignored positions (-100): reducer='mean' weights each micro-batch's "
         "loss by its rows, not by the tokens it counts, so the loss and its gradients differ "
-        "from the unsplit model's where micro-batches count different tokens; compute the "
-        "loss outside the model (train_step(..., loss_fn=..., loss_reduction=lambda t: "
-        "(t != -100).sum()) weighs micro-batches by counted tokens, exactly), or use chunks=1",
+        "from the unsplit model's where micro-batches count different tokens; "
+        "reducer=runtime.token_mean('labels', shift=1) (a causal LM; shift=0 otherwise) "
+        "weights them by counted tokens and is exact, or use chunks=1",
         UserWarning,
         stacklevel=3,
     )

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from runtime.errors import StageError
-from runtime.microbatch import gather, tree_leaves, tree_map
+from runtime.microbatch import bound, gather, tree_leaves, tree_map
 from runtime.recovery.faults import (
     DeviceFailure,
     RecoveryError,
@@ -141,7 +141,8 @@ def resume(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         len(call.sizes),
         ", ".join(device_names(current)),
     )
-    return gather([call.done[i] for i in range(len(call.sizes))], call.sizes, pipe.reducer)
+    reducer = bound(pipe.reducer, args, kwargs, len(call.sizes))
+    return gather([call.done[i] for i in range(len(call.sizes))], call.sizes, reducer)
 
 
 @dataclass
