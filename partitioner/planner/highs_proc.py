@@ -66,11 +66,13 @@ class Answer:
 
 
 def in_process() -> bool:
-    """True when HiGHS is to run on a thread here (``MODELSPLIT_HIGHS=thread``)."""
-    mode = os.environ.get("MODELSPLIT_HIGHS", "process").strip().lower()
+    """True when HiGHS is to run on a thread here: ``MODELSPLIT_HIGHS=thread``, and on
+    Windows, where `select` does not wait on pipes (POSIX only, as the worker is)."""
+    default = "thread" if sys.platform == "win32" else "process"
+    mode = os.environ.get("MODELSPLIT_HIGHS", default).strip().lower()
     if mode not in ("process", "thread"):
         raise ValueError(f"MODELSPLIT_HIGHS must be 'process' or 'thread' (got {mode!r})")
-    return mode == "thread"
+    return mode == "thread" or sys.platform == "win32"
 
 
 class _Worker:
@@ -94,14 +96,15 @@ class _Worker:
                 start_new_session=True,
             )
         except OSError as e:
+            self.errors.close()
             raise WorkerUnavailable(f"could not start {sys.executable} {WORKER}: {e}") from e
         try:
             ready = self.receive(time.perf_counter() + START_WAIT)
-        except BaseException:  # a Ctrl-C while it starts: no process is left behind
-            self.kill()
+            if ready is None:
+                raise WorkerUnavailable(self._died(f"not ready in {START_WAIT:.0f}s"))
+        except BaseException:  # a Ctrl-C while it starts, or it died: nothing is left behind
+            self.discard()
             raise
-        if ready is None:
-            raise WorkerUnavailable(self._died(f"not ready in {START_WAIT:.0f}s"))
 
     @property
     def pid(self) -> int:
@@ -154,9 +157,17 @@ class _Worker:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            _peaks.append(self.peak_kib())
+            _peaks[0] = max(_peaks[0], self.peak_kib())
             self.proc.kill()
         self.proc.wait()
+
+    def discard(self) -> None:
+        """Kill it and close its pipes and error file."""
+        self.kill()
+        for f in (self.proc.stdin, self.proc.stdout, self.errors):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
 
     def close(self) -> None:
         """Close its stdin (it exits by itself); kill it if it has not within a second."""
@@ -166,13 +177,15 @@ class _Worker:
             self.proc.wait(1.0)
         except (OSError, subprocess.TimeoutExpired):
             self.kill()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.errors.close()
 
 
 _lock = threading.Lock()
 _idle: list[_Worker] = []
 _busy: dict[int, _Worker] = {}
-_peaks: list[int] = []  # peak KiB of the workers killed so far
+_peaks: list[int] = [0]  # the largest peak KiB of the workers killed so far
 
 
 def _forget_all() -> None:
@@ -187,7 +200,7 @@ def _forget_all() -> None:
                     pipe.close()
     _idle.clear()
     _busy.clear()
-    _peaks.clear()
+    _peaks[0] = 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -213,7 +226,7 @@ def _release(w: _Worker, keep: bool) -> None:
         if keep and w.proc.poll() is None:
             _idle.append(w)
             return
-    w.kill()
+    w.discard()
 
 
 def peak_kib() -> int:
@@ -221,7 +234,7 @@ def peak_kib() -> int:
     ones and those killed (for the planner benchmark's memory column)."""
     with _lock:
         live = [w.peak_kib() for w in _idle + list(_busy.values())]
-    return max(live + _peaks + [0])
+    return max([*live, _peaks[0]])
 
 
 def busy_pids() -> list[int]:
