@@ -51,6 +51,8 @@ class Compiled:
     graph: Any  # the CostGraph, kept for re-planning without re-profiling
     gm: Any = None  # the traced module, kept for re-splitting after a failure
     generation: int = 0  # the device set it was planned for (see ModelSplitter.revive)
+    #: the smallest micro-batch verified against the unsplit model (None: not verified)
+    verified: int | None = None
 
 
 def signature_key(args: Sequence[Any], kwargs: Mapping[str, Any], training: bool) -> Any:

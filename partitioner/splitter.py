@@ -24,7 +24,7 @@ from partitioner.autoplan import (
 from partitioner.capture.batching import warn_ignored_labels, warn_training_batch_norms
 from partitioner.capture.binding import describe_signature
 from partitioner.capture.checks import GRADS_OFF_KEY, guard_backward
-from partitioner.capture.verify import verify_split
+from partitioner.capture.verify import verify_compiled, verify_smaller
 from partitioner.devices import (
     MemoryLike,
     check_available,
@@ -220,6 +220,7 @@ class ModelSplitter(nn.Module):
         if not self.__dict__.get("_said_labels"):
             self.__dict__["_said_labels"] = warn_ignored_labels(kwargs, self.reducer, self.chunks)
         compiled = self._compiled(args, kwargs)
+        verify_smaller(self.model, compiled, args, kwargs)
         source = self.__dict__["_source"]
         if isinstance(source, HostCopy):
             source.refresh(self.model)
@@ -288,7 +289,7 @@ class ModelSplitter(nn.Module):
         stages = split(gm, plan)
         compiled = Compiled(plan, stages, None, graph, gm, self.__dict__["_generation"])
         compiled.pipeline = self._build_pipeline(stages, plan, compiled)
-        verify_split(self.model, compiled.pipeline, args, kwargs, GRADS_OFF_KEY not in gm.meta)
+        verify_compiled(self.model, compiled, args, kwargs)  # [Note: verifying the split]
         return compiled
 
     def _reuse(self, args: Sequence[Any], kwargs: Mapping[str, Any], twin: Compiled) -> Any:

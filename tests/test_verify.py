@@ -92,14 +92,40 @@ def test_training_mode_and_gpu_pipelines_are_not_verified() -> None:
 
 
 def test_model_splitter_verifies_its_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
-    import partitioner.splitter
+    import partitioner.capture.verify as verify
 
     seen: list[Any] = []
-    monkeypatch.setattr(
-        partitioner.splitter, "verify_split", lambda *a: seen.append(a) or verify_split(*a)
-    )
+    real = verify.verify_split
+    monkeypatch.setattr(verify, "verify_split", lambda *a: seen.append(a) or real(*a))
     model = _model()
     x = torch.randn(8, 8)
     splitter = ModelSplitter(model, devices=["cpu:0", "cpu:1"], chunks=4, example_inputs=(x,))
     assert len(seen) == 1 and seen[0][1] is splitter.pipeline
-    torch.testing.assert_close(splitter(x), model(x))
+    torch.testing.assert_close(splitter(x), model(x))  # micro-batches of 2 rows: verified
+    assert len(seen) == 1
+    torch.testing.assert_close(splitter(x[:4]), model(x[:4]))  # of 1 row: verified again
+    assert len(seen) == 2 and seen[1][2][0].shape[0] == 4
+    splitter(x[:4])
+    splitter(x[:6])  # no micro-batch smaller than one already verified
+    assert len(seen) == 2
+
+
+def test_a_call_with_smaller_micro_batches_is_verified_on_its_inputs() -> None:
+    from partitioner.capture.verify import verify_smaller
+
+    model = _model()
+
+    class OneRowBends(_Stub):  # wrong only on one-row micro-batches, as oneDNN was
+        chunks = 4
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            self.factor = 1.05 if x.shape[0] <= self.chunks else 1.0
+            return super().__call__(x)
+
+    compiled = SimpleNamespace(pipeline=OneRowBends(model), verified=2, gm=None)
+    verify_smaller(model, compiled, (torch.randn(8, 8),), {})  # 2 rows each: not again
+    with pytest.raises(ModelSplitError, match="the gradient of '0.weight' differs"):
+        verify_smaller(model, compiled, (torch.randn(4, 8),), {})
+    assert compiled.verified == 2  # not marked verified: the next such call checks again
+    compiled.verified = None  # never verified (training mode, GPU stages): not checked
+    verify_smaller(model, compiled, (torch.randn(4, 8),), {})

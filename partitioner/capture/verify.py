@@ -14,6 +14,10 @@ it and through the unsplit model: outputs, and the parameter gradients of
 compares them. A difference is a `ModelSplitError` naming the leaf or parameter; when the
 same run with oneDNN off agrees, the error names oneDNN and its switch.
 
+It runs again on the first call whose micro-batches are smaller than any verified so far (a
+smaller batch that splits into one-row micro-batches, where oneDNN went wrong), on that
+call's own inputs: at most once per new smallest size (`verify_smaller`).
+
 Only for models in eval mode on CPU-only pipelines: a training-mode graph may draw random
 numbers (dropout), which micro-batches draw in another order, and GPU stages hold the
 model's own parameters on several devices, where the unsplit model cannot run. The model's
@@ -30,10 +34,50 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from partitioner.capture.batching import GRAD_FLOOR, differs
-from partitioner.capture.checks import GRAD_CHECK_BYTES, preserved_state, square_loss
+from partitioner.capture.checks import (
+    GRAD_CHECK_BYTES,
+    GRADS_OFF_KEY,
+    batch_size,
+    preserved_state,
+    square_loss,
+)
 from partitioner.errors import ModelSplitError
 
-__all__ = ["verify_split"]
+__all__ = ["smallest_microbatch", "verify_compiled", "verify_smaller", "verify_split"]
+
+
+def smallest_microbatch(args: Sequence[Any], kwargs: Mapping[str, Any], chunks: int) -> int:
+    """Rows of the call's smallest micro-batch (`runtime.microbatch.scatter`'s split)."""
+    b = batch_size(tuple(args), dict(kwargs)) or 1
+    return b // max(1, min(chunks, b))
+
+
+def _gradients(compiled: Any) -> bool:
+    """Whether the gradients of ``compiled`` are compared: not for a graph kept for
+    inference only (an fx graph without a model's ``no_grad`` block)."""
+    return compiled.gm is None or GRADS_OFF_KEY not in compiled.gm.meta
+
+
+def verify_compiled(
+    model: nn.Module, compiled: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> None:
+    """`verify_split` on a freshly built ``compiled`` with the call that planned it; the
+    smallest micro-batch it verified is kept on it for `verify_smaller`."""
+    if verify_split(model, compiled.pipeline, args, kwargs, _gradients(compiled)):
+        compiled.verified = smallest_microbatch(args, kwargs, compiled.pipeline.chunks)
+
+
+def verify_smaller(
+    model: nn.Module, compiled: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> None:
+    """`verify_split` on this call when its micro-batches are smaller than any verified
+    so far on ``compiled`` (one that was verified at all): [Note: verifying the split]."""
+    if compiled.verified is None:
+        return
+    smallest = smallest_microbatch(args, kwargs, compiled.pipeline.chunks)
+    if smallest < compiled.verified:
+        verify_split(model, compiled.pipeline, args, kwargs, _gradients(compiled))
+        compiled.verified = smallest
 
 
 def verify_split(
@@ -42,18 +86,19 @@ def verify_split(
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
     gradients: bool = True,
-) -> None:
+) -> bool:
     """Raise `ModelSplitError` when ``pipeline`` gives other outputs or (with
     ``gradients``: not for a graph kept for inference only) gradients than ``model`` on
-    the example ([Note: verifying the split])."""
+    the example ([Note: verifying the split]); False when it does not verify this model
+    (training mode, GPU stages)."""
     if model.training or not pipeline._transfer.cpu_only:
-        return
+        return False
     params = [p for p in model.parameters() if p.requires_grad]
     size = sum(p.numel() * p.element_size() for p in params)
     grads = gradients and bool(params) and size <= GRAD_CHECK_BYTES
     problem = _compare(model, pipeline, args, kwargs, params, grads)
     if problem is None:
-        return
+        return True
     cause = ""
     if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
         with torch.backends.mkldnn.flags(enabled=False):
