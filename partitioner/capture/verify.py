@@ -76,7 +76,8 @@ def verify_smaller(
         return
     smallest = smallest_microbatch(args, kwargs, compiled.pipeline.chunks)
     if smallest < compiled.verified:
-        verify_split(model, compiled.pipeline, args, kwargs, _gradients(compiled))
+        on = f"this call (its micro-batches of {smallest} row(s) are the smallest yet)"
+        verify_split(model, compiled.pipeline, args, kwargs, _gradients(compiled), on)
         compiled.verified = smallest
 
 
@@ -86,6 +87,7 @@ def verify_split(
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
     gradients: bool = True,
+    on: str = "the example",
 ) -> bool:
     """Raise `ModelSplitError` when ``pipeline`` gives other outputs or (with
     ``gradients``: not for a graph kept for inference only) gradients than ``model`` on
@@ -110,7 +112,7 @@ def verify_split(
                 "in the stages' threads"
             )
     raise ModelSplitError(
-        f"the split {type(model).__name__} does not match the unsplit model on the example: "
+        f"the split {type(model).__name__} does not match the unsplit model on {on}: "
         f"{problem}{cause}; use bigger micro-batches (fewer chunks) or chunks=1"
         + (", or turn oneDNN off" if cause else "")
     )
