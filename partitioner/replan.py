@@ -227,6 +227,8 @@ def timed_replan(
             )
         source.restore(lost)
     compiled.plan, compiled.stages, compiled.pipeline = plan, stages, build(stages, plan)
+    if compiled.verified is not None:  # a new split: the next call is verified again
+        compiled.verified = 1 << 62  # ([Note: verifying the split])
     times = ReplanTimes(t1 - t0, t2 - t1, time.perf_counter() - t2)
     log.info(
         "re-planned on %s in %.3fs (solve %.3fs, split %.3fs, place %.3fs; %s weights "

@@ -129,3 +129,29 @@ def test_a_call_with_smaller_micro_batches_is_verified_on_its_inputs() -> None:
     assert compiled.verified == 2  # not marked verified: the next such call checks again
     compiled.verified = None  # never verified (training mode, GPU stages): not checked
     verify_smaller(model, compiled, (torch.randn(4, 8),), {})
+
+
+def test_a_split_re_planned_off_a_lost_device_is_verified_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import partitioner.capture.verify as verify
+    from runtime import inject_failure
+
+    seen: list[Any] = []
+    real = verify.verify_split
+    monkeypatch.setattr(verify, "verify_split", lambda *a: seen.append(a) or real(*a))
+    model = _model()
+    x = torch.randn(8, 8)
+    splitter = ModelSplitter(
+        model,
+        devices=["cpu:0", "cpu:1", "cpu:2"],
+        chunks=4,
+        on_failure="replan",
+        example_inputs=(x,),
+    )
+    assert len(seen) == 1
+    with inject_failure(splitter, stage=1, microbatch=0):
+        torch.testing.assert_close(splitter(x), model(x))  # recovered on the survivors
+    assert splitter.failed_devices
+    splitter(x)  # the first call on the new split verifies it
+    assert len(seen) == 2 and seen[1][1] is splitter.pipeline
+    splitter(x)
+    assert len(seen) == 2

@@ -16,7 +16,8 @@ same run with oneDNN off agrees, the error names oneDNN and its switch.
 
 It runs again on the first call whose micro-batches are smaller than any verified so far (a
 smaller batch that splits into one-row micro-batches, where oneDNN went wrong), on that
-call's own inputs: at most once per new smallest size (`verify_smaller`).
+call's own inputs: at most once per new smallest size (`verify_smaller`), and on the first
+call after a re-plan off a lost device (a new split).
 
 Only for models in eval mode on CPU-only pipelines: a training-mode graph may draw random
 numbers (dropout), which micro-batches draw in another order, and GPU stages hold the
