@@ -45,6 +45,7 @@ from runtime.microbatch import Reducer, bound, gather, scatter
 __all__ = [
     "check_batch_independence",
     "differs",
+    "gradient_difference",
     "training_batch_norms",
     "warn_ignored_labels",
     "warn_training_batch_norms",
@@ -171,6 +172,17 @@ def _check_gradients(
     except RuntimeError as exc:  # no backward to compare (the model's own limits)
         log.debug("batch independence: gradients not compared (%s)", exc)
         return None
+    return gradient_difference(model, params, want, got)
+
+
+def gradient_difference(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    want: Sequence[torch.Tensor | None],
+    got: Sequence[torch.Tensor | None],
+) -> tuple[str, str] | None:
+    """The first of ``model``'s parameters that require grad (``params``) whose gradient
+    in ``got`` differs from ``want`` (None: no gradient, as zeros), and how; or None."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     # Gradients are as small as the loss makes them (LeViT's reach 4e-6): compare each to
     # its own size, with a floor relative to the largest, not to a fixed ATOL.

@@ -34,7 +34,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from partitioner.capture.batching import GRAD_FLOOR, differs
+from partitioner.capture.batching import differs, gradient_difference
 from partitioner.capture.checks import (
     GRAD_CHECK_BYTES,
     GRADS_OFF_KEY,
@@ -150,13 +150,5 @@ def _compare(
             got_g = torch.autograd.grad(split, params, allow_unused=True)
         except RuntimeError:  # no backward to compare (the model's own limits)
             return None
-    floor = GRAD_FLOOR * max((float(w.abs().max()) for w in want_g if w is not None), default=0)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    for name, p, w, g in zip(names, params, want_g, got_g, strict=True):
-        if w is None and g is None:
-            continue
-        zero = torch.zeros_like(p)
-        how = differs(zero if w is None else w, zero if g is None else g, floor)
-        if how:
-            return f"the gradient of {name!r} {how}"
-    return None
+    found = gradient_difference(model, params, want_g, got_g)
+    return None if found is None else f"the gradient of {found[0]!r} {found[1]}"
