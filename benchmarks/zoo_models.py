@@ -666,7 +666,7 @@ class StepCounter(nn.Module):
         return self.b(self.a(x))
 
 
-@trap("meta_submodule", features(D), "a submodule named meta: exact, or a TraceError naming it")
+@trap("meta_submodule", features(D), "a submodule named meta (GraphModule.meta): exact")
 class MetaSubmodule(nn.Module):
     def __init__(self) -> None:
         super().__init__()

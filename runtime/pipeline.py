@@ -19,7 +19,7 @@ from runtime.checkpoint import Checkpoint, checkpoint_stops, checkpointed, rng_l
 from runtime.checks import DeviceLike, check_args, check_schedule_option, parse_device
 from runtime.errors import StageError
 from runtime.grads import copied, detached
-from runtime.interface import Const
+from runtime.interface import Const, check_written, write_back
 from runtime.microbatch import Reducer, bound, gather, scatter
 from runtime.mutation import mutated_inputs
 from runtime.recovery.faults import StageTimeout
@@ -190,10 +190,11 @@ class Pipeline(nn.Module):
         """
         chunks = self.chunks if chunks is None else chunks
         reducer = self.reducer if reducer is _SAME else reducer
-        env = self._route.bind(tuple(args), dict(kwargs))
+        env = given = self._route.bind(tuple(args), dict(kwargs))
         if self._transfer.cpu_only:
             env = self._transfer.to_cpu(env)
         batches, sizes = scatter(env, chunks)
+        check_written(self._route.writes, env, sizes)
         reducer = bound(reducer, args, kwargs, chunks)  # a CountedMean: this call's counts
         record = self.last_run = RunRecord(sizes)
         run = _Run(self, [dict(b) for b in batches], record)
@@ -227,7 +228,9 @@ class Pipeline(nn.Module):
             leaves = _backward.attach(self, run.graphs, caller, pieces, sizes, reducer)
         else:
             leaves = gather(pieces, sizes, reducer)
-        return self._route.unflatten(_put_consts(leaves, self._route.output_leaves)), record
+        leaves = _put_consts(leaves, self._route.output_leaves)
+        write_back(self._route.writes, self._route.output_leaves, given, leaves)
+        return self._route.unflatten(leaves), record
 
     def train_step(
         self,

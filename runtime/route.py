@@ -38,6 +38,7 @@ class Route:
     bind: Callable[[Sequence[Any], Mapping[str, Any]], dict[str, Any]]
     unflatten: Callable[[list[Any]], Any]
     calls: tuple[Call, ...]
+    writes: tuple[tuple[str, str], ...] = ()  # [Note: writes to model inputs]
 
     @property
     def producer(self) -> dict[str, int]:
@@ -103,6 +104,7 @@ def stageio_route(ios: Sequence[StageIO]) -> Route:
         bind=program.bind,
         unflatten=program.unflatten,
         calls=tuple(_stageio_call(j, len(io.outputs)) for j, io in enumerate(ios)),
+        writes=tuple(program.writes),
     )
 
 

@@ -39,6 +39,7 @@ from runtime.checkpoint import rng_locks
 from runtime.checks import check_schedule_option, check_training
 from runtime.executor import Executor, LossFn
 from runtime.grads import own, sum_grads, sum_stages, wants_grad
+from runtime.interface import refuse_writes
 from runtime.microbatch import scatter, tree_leaves
 from runtime.route import CALLER
 from runtime.scheduling import by_caller, by_workers
@@ -78,6 +79,7 @@ def train_step(
     schedule = pipe.schedule if schedule is None else schedule
     v = pipe.virtual_stages if virtual_stages is None else virtual_stages
     k = check_schedule_option(schedule, v, pipe.devices)
+    refuse_writes(pipe._route.writes, "a pipelined training step")
     _refuse(pipe, loss_fn)
     envs, targets, sizes = _scatter(pipe, args, kwargs, target)
     check_training(schedule, k, len(sizes), v, loss_reduction)

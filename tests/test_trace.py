@@ -266,20 +266,6 @@ def test_failed_export_prints_no_graph_dump(capfd: pytest.CaptureFixture[str]) -
     assert "def forward" not in err and "Unable to find user code" not in err
 
 
-def test_a_submodule_named_like_a_graph_module_attribute_is_a_clear_error() -> None:
-    class Clash(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.meta = nn.Linear(4, 4)
-            self.body = nn.Linear(4, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(self.meta(x))
-
-    with pytest.raises(TraceError, match=r"'meta'.*GraphModule.*'meta' -> 'meta_'"):
-        trace(Clash(), (torch.randn(2, 4),))
-
-
 def test_batch_size_dependent_control_flow_names_the_cause() -> None:
     class BySize(nn.Module):
         def __init__(self) -> None:

@@ -36,6 +36,7 @@ from torch import nn
 from partitioner.capture.checks import (
     GRAD_CHECK_BYTES,
     batch_size,
+    fresh,
     preserved_state,
     square_loss,
 )
@@ -89,7 +90,7 @@ def check_batch_independence(
     """Raise `ModelSplitError` when ``chunks`` micro-batches of the example call give
     another output than the whole batch: see [Note: batch independence]. The micro-batches
     run inside ``as_stages()`` (the stages' intra-op threads)."""
-    call = (tuple(args), dict(kwargs))
+    call = fresh((tuple(args), dict(kwargs)))  # the caller's inputs are never written to
     batch = batch_size(*call)
     if chunks < 2 or batch is None or batch < 2 or _on_meta(model, call):
         return
@@ -122,10 +123,10 @@ def _runs(
     autograd if ``grads``)."""
     with torch.enable_grad() if grads else torch.no_grad():
         before = {n: b.clone() for n, b in model.named_buffers()}
-        whole = model(*call[0], **call[1])
+        whole = model(*fresh(call[0]), **fresh(call[1]))  # not the pieces' own inputs
         _warn_counters(model, before, len(sizes))
         with as_stages():
-            return whole, [model(*a, **k) for a, k in pieces]
+            return whole, [model(*fresh(a), **fresh(k)) for a, k in pieces]
 
 
 def _check_outputs(

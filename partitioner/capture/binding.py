@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from torch.fx._pytree import tree_flatten_spec
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from runtime.interface import Const, Program
+from runtime.interface import Const, Program, write_back
 
 __all__ = [
     "PROGRAM_KEY",
@@ -207,7 +207,8 @@ class Unflatten:
 
     def __call__(self, leaves: list[Any]) -> Any:
         values = [leaf.value if isinstance(leaf, Const) else leaf for leaf in leaves]
-        return pytree.tree_unflatten(values, self.spec)
+        # leaves past the output's own hold written inputs: [Note: writes to model inputs]
+        return pytree.tree_unflatten(values[: self.spec.num_leaves], self.spec)
 
 
 def _thaw(arg: Any) -> Any:
@@ -265,4 +266,5 @@ def run_program(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, An
         leaf.value if isinstance(leaf, Const) else interp.kept[leaf]
         for leaf in program.output_leaves
     ]
+    write_back(program.writes, program.output_leaves, values, leaves)
     return program.unflatten(leaves)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
@@ -20,6 +20,7 @@ __all__ = [
     "batch_size",
     "check_gradients",
     "check_outputs",
+    "fresh",
     "preserved_state",
     "sync_state_dict",
 ]
@@ -27,6 +28,7 @@ __all__ = [
 CHECK_ROWS = 2  # outputs are compared on this many rows of the example batch
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
+T = TypeVar("T")
 
 
 def batch_size(args: Args, kwargs: Kwargs) -> int | None:
@@ -115,15 +117,29 @@ class ModelFailed(Exception):
     """The model itself raised on the example call (eagerly, before any graph ran)."""
 
 
-def _both(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> tuple[Any, Any]:
+def _both(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> str | None:
+    """How the graph's output, or the inputs it leaves, differ from the model's; or None.
+    Each runs on its own copy of the inputs: a model that writes to its input (``x.mul_(2)``)
+    must not change the other run's or the caller's, and the graph must write what the model
+    writes ([Note: writes to model inputs])."""
+    mine, theirs = fresh((args, kwargs)), fresh((args, kwargs))
     with torch.no_grad(), preserved_state(model):
         torch.manual_seed(0)
         try:
-            expected = model(*args, **kwargs)
+            expected = model(*mine[0], **mine[1])
         except Exception as exc:
             raise ModelFailed(f"{type(exc).__name__}: {first_line(exc)}") from exc
         torch.manual_seed(0)
-        return expected, run_program(gm, args, kwargs)
+        actual = run_program(gm, *theirs)
+    problem = _difference(expected, actual)
+    if problem is None and _difference(mine, theirs) is not None:
+        return f"the inputs it leaves differ from the model's: {_difference(mine, theirs)}"
+    return problem
+
+
+def fresh(tree: T) -> T:
+    """``tree`` with every tensor cloned."""
+    return pytree.tree_map_only(torch.Tensor, torch.clone, tree)
 
 
 def check_outputs(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> None:
@@ -138,15 +154,14 @@ def check_outputs(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwar
         return
     few = _rows(args, kwargs, CHECK_ROWS)
     try:
-        expected, actual = _both(model, gm, *few)
+        problem = _both(model, gm, *few)
     except ModelFailed:  # the model itself needs the full batch: compare on that
-        expected, actual = _both(model, gm, args, kwargs)
+        problem = _both(model, gm, args, kwargs)
         few = (args, kwargs)
-    problem = _difference(expected, actual)
     if problem is None:
         return
     batch, rows = batch_size(args, kwargs), batch_size(*few)
-    if rows != batch and _difference(*_both(model, gm, args, kwargs)) is None:
+    if rows != batch and _both(model, gm, args, kwargs) is None:
         raise TraceError(
             f"the traced graph matches the model at the example's {batch} rows but not at "
             f"{rows} ({problem}): the model's control flow depends on the batch size (such "
@@ -250,30 +265,6 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
-
-
-#: attributes every GraphModule has beyond nn.Module's: a model's own submodule, parameter or
-#: buffer of one of these names cannot live in a traced graph under that name
-_GRAPH_MODULE_NAMES = frozenset(
-    name
-    for name in (*dir(fx.GraphModule), "meta", "graph", "code", "_graph", "_code")
-    if not hasattr(nn.Module, name)
-)
-
-
-def check_names(model: nn.Module) -> None:
-    """Both fx and export fail on a top-level name such as ``meta`` or ``graph`` with a
-    message about a nonexistent attribute: say what it is instead."""
-    own = [*model._modules, *model._parameters, *model._buffers]
-    clash = sorted(n for n in own if n in _GRAPH_MODULE_NAMES)
-    if clash:
-        names = ", ".join(repr(n) for n in clash)
-        raise TraceError(
-            f"{type(model).__name__} names its own submodules or tensors {names}, which every "
-            f"torch.fx.GraphModule uses for itself, so no traced graph can hold them: rename "
-            f"them in the model (e.g. {clash[0]!r} -> {clash[0] + '_'!r}; checkpoint keys "
-            f"change with the names)"
-        )
 
 
 #: eval-mode models with more parameter bytes skip the gradient check

@@ -30,8 +30,9 @@ a model input, parameter or buffer (``self.steps += 1``), so ``mode="auto"`` fal
 torch.export and ``mode="fx"`` names the op; in export graphs, an observed write through an
 op that may or may not return a view (``reshape``, ``contiguous``, ``to``). An ``nn.Identity``
 returns its input itself, so it is read through. Writes to parameters and buffers stay as
-they are in export graphs (each stage holds the very tensor); a write to a model input that
-an earlier node reads goes to a clone, so the caller's tensor keeps its values. In-place ops are
+they are in export graphs (each stage holds the very tensor); writes to a model input go to a
+private clone of it, whose last version the caller's tensor gets after the call
+(`persist_input_writes`, [Note: writes to model inputs] in `runtime.interface`). In-place ops are
 ``x.op_()`` methods, ``torch.op_`` functions, ``x += y`` and friends, ``inplace=True``
 keyword arguments, modules with ``inplace=True`` (``nn.ReLU``) and aten ops whose schema
 writes an argument. Assignment into a tensor (``x[mask] = 0``) returns nothing to read
@@ -51,11 +52,12 @@ from runtime.mutation import (
     alias_source,
     is_exact_view,
     mutated_arg,
+    mutated_inputs,
     mutated_slot,
     reads_metadata,
 )
 
-__all__ = ["functionalize_inplace", "mutation_hazards"]
+__all__ = ["functionalize_inplace", "mutation_hazards", "persist_input_writes"]
 
 _VALUE_META = ("val", "tensor_meta", "example_value")
 
@@ -149,6 +151,36 @@ def mutation_hazards(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]:
         if readers:
             hazards.append((m, [n for n in aliases if n is not base] + readers))
     return hazards
+
+
+def persist_input_writes(gm: fx.GraphModule) -> tuple[tuple[str, str], ...]:
+    """Make the writes to model inputs (placeholders) go to a private clone of each, and add
+    a clone of that just before the output; run before `functionalize_inplace`, which makes
+    the latter read the input's last version: the value the caller's tensor must end with
+    ([Note: writes to model inputs] in `runtime.interface`). So no stage writes to a tensor
+    it was given (a micro-batch may be a view of the caller's tensor, which autograd may
+    have saved), and the caller's tensor is written once, after the call. Returns
+    (placeholder name, final clone name) pairs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = sorted(mutated_inputs(gm))
+    if not written:
+        return ()
+    (output,) = (n for n in gm.graph.nodes if n.op == "output")
+    pairs = []
+    for k in written:
+        p = placeholders[k]
+        with gm.graph.inserting_after(placeholders[-1]):
+            own = gm.graph.call_function(torch.ops.aten.clone.default, (p,))
+        p.replace_all_uses_with(own, delete_user_cb=lambda user, own=own: user is not own)
+        with gm.graph.inserting_before(output):
+            final = gm.graph.create_node(
+                "call_function", torch.ops.aten.clone.default, (own,), name=f"{p.name}_written"
+            )
+        for node in (own, final):
+            node.meta = {key: p.meta[key] for key in _VALUE_META if key in p.meta}
+        pairs.append((p.name, final.name))
+    gm.recompile()
+    return tuple(pairs)
 
 
 def functionalize_inplace(gm: fx.GraphModule) -> int:

@@ -48,13 +48,13 @@ from partitioner.capture.checks import (
     GRADS_OFF_KEY,
     ModelFailed,
     batch_size,
-    check_names,
     check_outputs,
     first_line,
     gradients_off,
     sync_state_dict,
 )
-from partitioner.capture.inplace import functionalize_inplace
+from partitioner.capture.inplace import functionalize_inplace, persist_input_writes
+from partitioner.capture.names import graph_names, mark_renamed, renamed_root
 from partitioner.capture.state import frozen_constants, preserved_attributes
 from partitioner.errors import InputError, TraceError
 from runtime.interface import Program
@@ -86,18 +86,20 @@ def trace(
 ) -> fx.GraphModule:
     """Trace ``model`` on the example call ``model(*example_inputs, **example_kwargs)``.
 
-    Returns a GraphModule whose parameters and buffers keep the model's qualified
-    names (its ``state_dict`` keys equal the model's) and whose outputs match the
-    model's on the example. ``leaf_modules`` (types or qualified names) apply to
+    Returns a GraphModule whose parameters and buffers keep the model's qualified names
+    (its ``state_dict`` keys equal the model's; a top-level name GraphModule uses itself,
+    such as ``meta``, is held under a free one: [Note: clashing names]) and whose outputs
+    match the model's on the example. ``leaf_modules`` (types or qualified names) apply to
     ``"fx"``. Raises `TraceError` naming each mode's failure and the remedy.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
     args: Args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs: Kwargs = dict(example_kwargs or {})
-    check_names(model)
+    root, renamed = renamed_root(model)  # [Note: clashing names]
+    leaves = graph_names(renamed, leaf_modules)
     with preserved_attributes(model):  # [Note: plain attributes]
-        return _trace(model, args, kwargs, leaf_modules, mode)
+        return mark_renamed(_trace(root, args, kwargs, leaves, mode), renamed)
 
 
 def _trace(
@@ -369,6 +371,7 @@ def _trace_export(
         gm = ep.module(check_guards=False)
     except TypeError:  # torch < 2.9 has no guard node
         gm = ep.module()
+    writes = persist_input_writes(gm)  # [Note: writes to model inputs]
     functionalize_inplace(gm)  # export keeps add_, copy_, relu_: [Note: in-place ops]
     frozen = frozen_constants(model, dict(ep.constants))  # [Note: plain attributes]
     if frozen:
@@ -387,7 +390,8 @@ def _trace_export(
     constants = tuple((i, v) for i, v in enumerate(flat) if not isinstance(v, torch.Tensor))
     binder = ExportBinder(signature, in_spec, placeholders, constants)
     leaves_, unflatten = output_program(gm, out_spec)
-    return _set_meta(gm, Program(placeholders, leaves_, binder, unflatten))
+    leaves_ += tuple(final for _, final in writes)  # unflatten reads only the output's own
+    return _set_meta(gm, Program(placeholders, leaves_, binder, unflatten, writes))
 
 
 _TRACERS: dict[str, Callable[[nn.Module, Args, Kwargs, Sequence[LeafSpec]], fx.GraphModule]] = {

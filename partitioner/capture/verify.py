@@ -39,6 +39,7 @@ from partitioner.capture.checks import (
     GRAD_CHECK_BYTES,
     GRADS_OFF_KEY,
     batch_size,
+    fresh,
     preserved_state,
     square_loss,
 )
@@ -129,8 +130,9 @@ def _compare(
 ) -> str | None:
     """How the pipeline's outputs or gradients differ from the model's, or None."""
     with preserved_state(model), torch.enable_grad() if grads else torch.no_grad():
-        want_out = model(*args, **kwargs)
-        got_out = pipeline(*args, **kwargs)
+        # each run on its own copy: a model may write to its input (x.mul_(2))
+        want_out = model(*fresh(args), **fresh(kwargs))
+        got_out = pipeline(*fresh(args), **fresh(kwargs))
         want, spec = pytree.tree_flatten(want_out)
         got, got_spec = pytree.tree_flatten(got_out)
         if spec != got_spec:

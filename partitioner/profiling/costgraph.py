@@ -57,7 +57,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from partitioner.capture.binding import program_of
-from partitioner.capture.checks import batch_size, preserved_state
+from partitioner.capture.checks import batch_size, fresh, preserved_state
 from partitioner.errors import ModelSplitError
 from partitioner.profiling.backward import BackwardCosts, measure_backward
 from partitioner.profiling.measure import Measurements, measure, nbytes, tensor_key
@@ -107,8 +107,10 @@ def profile(
     if training is None:
         training = bool(gm.meta.get("modelsplit_training", gm.training))
     gm, target = _placed(gm, device, meta=cost == "flops" and _on_meta(gm))
-    args, kwargs = pytree.tree_map_only(
-        torch.Tensor, lambda t: _cut(t, batch, micro).to(target), (args, kwargs)
+    args, kwargs = fresh(  # the caller's tensors are not written to: a model may write
+        pytree.tree_map_only(  # to its input (x.mul_(2)), and profiling runs it many times
+            torch.Tensor, lambda t: _cut(t, batch, micro).to(target), (args, kwargs)
+        )
     )
     values = program.bind(args, kwargs)
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)

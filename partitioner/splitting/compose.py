@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.interface import Const, stage_io
+from partitioner.capture.names import RENAMED_KEY, model_name
+from runtime.interface import Const, stage_io, write_back
 
 __all__ = [
     "SharedTensor",
@@ -38,6 +39,7 @@ def run_stages(stages: Sequence[torch.nn.Module], *args: Any, **kwargs: Any) -> 
         raise ValueError("run_stages needs at least one stage (got none)")
     program = stage_io(stages[0]).program
     env = program.bind(args, kwargs)
+    given = dict(env)  # the caller's own tensors: [Note: writes to model inputs]
     for stage in stages:
         io = stage_io(stage)
         values = stage(*(env[name] for name in io.inputs))
@@ -50,6 +52,7 @@ def run_stages(stages: Sequence[torch.nn.Module], *args: Any, **kwargs: Any) -> 
     leaves = [
         leaf.value if isinstance(leaf, Const) else env[leaf] for leaf in program.output_leaves
     ]
+    write_back(program.writes, program.output_leaves, given, leaves)
     return program.unflatten(leaves)
 
 
@@ -117,10 +120,11 @@ def share_tensors(gm: torch.fx.GraphModule, model: nn.Module) -> None:
     """
     own: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     own.update(model.named_buffers(remove_duplicate=False))
+    renamed = gm.meta.get(RENAMED_KEY, {})  # [Note: clashing names]
     for name, tensor in list(gm.named_parameters(remove_duplicate=False)) + list(
         gm.named_buffers(remove_duplicate=False)
     ):
-        original = own.get(name)
+        original = own.get(model_name(renamed, name))
         if original is None or original is tensor:
             continue
         owner_name, _, attr = name.rpartition(".")

@@ -72,7 +72,7 @@ def split(gm: torch.fx.GraphModule, plan: Plan) -> list[torch.fx.GraphModule]:
     program = gm.meta.get(PROGRAM_KEY)
     if not isinstance(program, Program):
         program = program_from_graph(gm)
-    layout = _layout(gm, plan)
+    layout = _layout(gm, plan, program.writes)
     stages = [_build_stage(gm, j, layout, program) for j in range(plan.num_stages)]
     for tie in shared_tensors(stages):
         log.debug("%s is held by stages %s (the same tensor object)", tie.names[0], tie.stages)
@@ -131,7 +131,9 @@ def _check_mutations(gm: torch.fx.GraphModule, plan: Plan) -> None:
 # -- layout --------------------------------------------------------------------
 
 
-def _layout(gm: torch.fx.GraphModule, plan: Plan) -> _Layout:
+def _layout(
+    gm: torch.fx.GraphModule, plan: Plan, writes: Sequence[tuple[str, str]] = ()
+) -> _Layout:
     """Decide, per stage, the nodes to copy and the values to take and return."""
     n = plan.num_stages
     where = plan.assignment
@@ -161,6 +163,8 @@ def _layout(gm: torch.fx.GraphModule, plan: Plan) -> _Layout:
             for u in node.all_input_nodes:
                 if u.op in COMPUTE_OPS or u.op == "get_attr":
                     gives[where[u.name]].add(u.name)
+    for _, final in writes:  # [Note: writes to model inputs]
+        gives[where[final]].add(final)
     return _Layout(
         body=body,
         inputs=[sorted(s, key=order.__getitem__) for s in needs],

@@ -48,7 +48,7 @@ from partitioner.errors import ModelSplitError
 from runtime.allocator import keep_freed_memory
 from runtime.distributed.placement import LOOPED, SCHEDULES, check_schedule, stages_of
 from runtime.distributed.relay import RelayStage, rebuild_output, relay
-from runtime.interface import stage_io
+from runtime.interface import refuse_writes, stage_io
 
 __all__ = ["SCHEDULES", "DistributedPipeline", "split_for_ranks"]
 
@@ -68,11 +68,13 @@ def split_for_ranks(
     The stages hold the model's own Parameter objects, so ranks that share a
     weight can be found by identity and the model's names map onto the stages.
     """
+    from partitioner.capture.binding import program_of
     from partitioner.capture.tracer import trace
     from partitioner.splitting.compose import share_tensors
     from partitioner.splitting.cut import split
 
     gm = trace(model, tuple(args), dict(kwargs or {}))
+    refuse_writes(program_of(gm).writes, "the distributed backend")
     share_tensors(gm, model)
     return split(gm, plan)
 

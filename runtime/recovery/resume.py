@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from runtime.errors import StageError
+from runtime.interface import refuse_writes
 from runtime.microbatch import bound, gather, tree_leaves, tree_map
 from runtime.recovery.faults import (
     DeviceFailure,
@@ -109,6 +110,13 @@ def resume(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     except StageError as err:
         if not is_device_failure(err):
             raise
+        try:
+            refuse_writes(
+                getattr(getattr(current, "_route", None), "writes", ()),
+                "resuming a call after a lost device",
+            )
+        except ValueError as exc:
+            raise exc from err
         error = err
     else:
         if early.failures:
