@@ -7,8 +7,10 @@ Every architecture of benchmarks/zoo_models.py (torchvision, timm, Hugging Face 
 configs, hand-written traps) is built with random weights (nothing is downloaded) and run in a
 subprocess of its own with a timeout. Per model, against an unsplit deep copy:
 
-- ``4dev``: ``ModelSplitter(devices=cpu:0..3, chunks=4, time_limit=5, backward="autograd")``
-  planned on batch 4 (the plan seconds); outputs at batch 4, gradients of
+- ``4dev``: ``ModelSplitter(devices=cpu:0..3, time_limit=5, backward="autograd")`` (chunks
+  left to the splitter, as a new user would: 4 one-row micro-batches at batch 4, bigger ones
+  where the splitter finds the model needs them, with a warning: [Note: choosing
+  micro-batches]) planned on batch 4 (the plan seconds); outputs at batch 4, gradients of
   ``sum(mean(out ** 2))`` over the floating outputs, outputs at batch 3 (the same plan);
 - ``4dev-pipelined``: the same plan (``ModelSplitter.from_plan``) with
   ``backward="pipelined"``: outputs and gradients at batch 4;
@@ -332,7 +334,7 @@ def run_config(entry: Any, pristine: Any, cfg: dict[str, Any], result: dict[str,
         try:
             t0 = time.perf_counter()
             a, k, _ = clone_inputs(args4, kwargs4, False)
-            chunks = cfg.get("chunks", 4)
+            chunks = cfg.get("chunks")  # None: the splitter's choice, 4 at batch 4 here
             common = dict(devices=devices, chunks=chunks, example_inputs=a, example_kwargs=k)
             if cfg.get("plan") is not None:  # the plan applied without solving, on the
                 common["devices"] = list(cfg["plan"].devices)  # devices its stages use

@@ -53,6 +53,8 @@ class Compiled:
     generation: int = 0  # the device set it was planned for (see ModelSplitter.revive)
     #: the smallest micro-batch verified against the unsplit model (None: not verified)
     verified: int | None = None
+    #: its chunking.Cut (None: the splitter's chunks): [Note: choosing micro-batches]
+    cut: Any = None
 
 
 def signature_key(args: Sequence[Any], kwargs: Mapping[str, Any], training: bool) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,8 @@ from partitioner.autoplan import (
 from partitioner.capture.batching import warn_ignored_labels, warn_training_batch_norms
 from partitioner.capture.binding import describe_signature
 from partitioner.capture.checks import GRADS_OFF_KEY, guard_backward
-from partitioner.capture.verify import verify_compiled, verify_smaller
+from partitioner.capture.verify import verify_compiled
+from partitioner.chunking import Cut, choose_cut, verify_call
 from partitioner.devices import (
     MemoryLike,
     check_available,
@@ -58,18 +60,15 @@ class ModelSplitter(nn.Module):
     submodules, parameters and buffers are registered under their original names, so
     ``named_parameters()`` and ``state_dict()`` match the model's and a checkpoint loads
     into either. ``schedule``: `train_step`'s ([Note: the splitter's training plan]).
+    ``chunks`` (micro-batches per call) left out: up to 2 per device, bigger ones where the
+    model needs them to stay exact, with a warning ([Note: choosing micro-batches]).
 
     ``reducer`` ("mean", "sum" or a callable) combines outputs without a batch dimension,
     such as a Hugging Face loss computed from ``labels``: "mean" weights each micro-batch by
-    its size, so a mean loss equals the full batch's.
-
-    ``backward="pipelined"`` (CPU devices) runs each stage's backward in its own worker,
-    pipelined over micro-batches, instead of autograd's one thread on the CPU
-    ([Note: pipelined backward] in `runtime.backward`).
-
-    ``deferred_batch_norm=True`` updates BatchNorm running statistics once per call with
-    the whole batch's statistics, as the unsplit model would, rather than once per
-    micro-batch ([Note: deferred batch norm] in `runtime.batchnorm`).
+    its size, so a mean loss equals the full batch's. ``backward="pipelined"`` (CPU devices)
+    runs each stage's backward in its own worker, pipelined over micro-batches ([Note:
+    pipelined backward]). ``deferred_batch_norm=True`` updates BatchNorm running statistics
+    once per call with the whole batch's statistics ([Note: deferred batch norm]).
 
     ``on_failure="replan"`` survives a lost device mid-call: the plan is solved again on the
     surviving devices from the cached CostGraph, the lost weights come back from ``recovery``
@@ -137,6 +136,7 @@ class ModelSplitter(nn.Module):
             _cache={},
             _current=None,
             _given_plan=plan,
+            _auto_chunks=chunks is None,  # [Note: choosing micro-batches]
             _lock=threading.RLock(),  # re-planning and the plan cache, for concurrent calls
         )
         #: the fire drills armed on this splitter (`runtime.inject_failure`)
@@ -151,10 +151,8 @@ class ModelSplitter(nn.Module):
         self.stage_timeout = stage_timeout
         self.recovery = recovery
         self.failed_devices: list[str] = []
-        # runtime.recovery.resume.Recovery of each call that met one
-        self.recoveries: list[Any] = []
-        # Register the model's children and own tensors under their own names: the
-        # splitter's parameters *are* the model's, and the stages share them too.
+        self.recoveries: list[Any] = []  # runtime.recovery.resume.Recovery of each call
+        # The model's children and tensors under their own names: the stages share them too.
         self._modules.update(model._modules)
         self._parameters.update(model._parameters)
         self._buffers.update(model._buffers)
@@ -220,7 +218,7 @@ class ModelSplitter(nn.Module):
         if not self.__dict__.get("_said_labels"):
             self.__dict__["_said_labels"] = warn_ignored_labels(kwargs, self.reducer, self.chunks)
         compiled = self._compiled(args, kwargs)
-        verify_smaller(self.model, compiled, args, kwargs)
+        verify_call(self.model, compiled, args, kwargs, self.__dict__["_auto_chunks"])
         source = self.__dict__["_source"]
         if isinstance(source, HostCopy):
             source.refresh(self.model)
@@ -276,18 +274,18 @@ class ModelSplitter(nn.Module):
         if reused is not None:
             return reused
         warn_training_batch_norms(self.model, self.chunks, self.deferred_batch_norm)
+        build = functools.partial(self._compile_cut, args, kwargs)
+        auto = self.__dict__["_auto_chunks"]  # [Note: choosing micro-batches]
+        return choose_cut(self.model, args, kwargs, Cut(self.chunks), auto, build)
+
+    def _compile_cut(self, args: Sequence[Any], kwargs: Mapping[str, Any], cut: Cut) -> Compiled:
+        d, count = self.__dict__, cut.count(args, kwargs)
+        specs, opts, given = d["_specs"], d["_opts"], d["_given_plan"]
         gm, graph, plan = trace_profile_solve(
-            self.model,
-            args,
-            kwargs,
-            self.__dict__["_specs"],
-            self.chunks,
-            self.__dict__["_opts"],
-            self.__dict__["_given_plan"],
-            self.reducer,
+            self.model, args, kwargs, specs, count, opts, given, self.reducer
         )
         stages = split(gm, plan)
-        compiled = Compiled(plan, stages, None, graph, gm, self.__dict__["_generation"])
+        compiled = Compiled(plan, stages, None, graph, gm, d["_generation"], cut=cut)
         compiled.pipeline = self._build_pipeline(stages, plan, compiled)
         verify_compiled(self.model, compiled, args, kwargs)  # [Note: verifying the split]
         return compiled
@@ -302,10 +300,10 @@ class ModelSplitter(nn.Module):
         gm = capture(self.model, args, kwargs, opts.leaf_modules, opts.trace_mode)
         if not same_graph(gm, twin.gm):
             return None
-        mode = "train" if self.training else "eval"
-        log.info("%s mode: same graph as the other mode, plan reused", mode)
+        log.info("training=%s: same graph as the other mode, plan reused", self.training)
         stages = split(gm, twin.plan)
-        compiled = Compiled(twin.plan, stages, None, twin.graph, gm, self.__dict__["_generation"])
+        generation = self.__dict__["_generation"]
+        compiled = Compiled(twin.plan, stages, None, twin.graph, gm, generation, cut=twin.cut)
         compiled.pipeline = self._build_pipeline(stages, twin.plan, compiled)
         return compiled
 
@@ -317,10 +315,11 @@ class ModelSplitter(nn.Module):
         def replan(pipeline: Any, failure: Any) -> Any:
             return self._replan(compiled, failure)
 
+        cut = compiled.cut or Cut(self.chunks)
         pipeline = Pipeline(
             stages,
             [torch_device(d) for d in plan.devices],
-            chunks=self.chunks,
+            chunks=cut.chunks,
             checkpoint=self.checkpoint,
             reducer=self.reducer,
             on_failure=self.on_failure,
@@ -330,6 +329,7 @@ class ModelSplitter(nn.Module):
             stage_timeout=self.stage_timeout,
             **schedule_options(plan, None if self.schedule == "auto" else self.schedule),
         )
+        pipeline.min_rows = cut.min_rows
         # the plan's names for runtime.recovery.faults.device_names ("cpu:3", not "cpu")
         pipeline.__dict__["device_names"] = list(plan.devices)
         pipeline.__dict__["on_lost"] = self._lost  # [Note: a device lost in backward]

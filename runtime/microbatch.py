@@ -35,6 +35,7 @@ __all__ = [
     "Reducer",
     "batch_size",
     "bound",
+    "capped",
     "gather",
     "reduce_values",
     "scatter",
@@ -160,6 +161,13 @@ def _describe_sizes(tree: Any) -> str:
         if _is_batched(leaf):
             found.setdefault(int(leaf.shape[0]), pytree.keystr(path) or "<input>")
     return ", ".join(f"{where} has {size}" for size, where in found.items())
+
+
+def capped(tree: Any, chunks: int, min_rows: int = 1) -> int:
+    """How many micro-batches ``tree`` splits into with at most ``chunks`` of at least
+    ``min_rows`` rows each (one at least)."""
+    size = batch_size(tree)
+    return chunks if not size or min_rows <= 1 else max(1, min(chunks, size // min_rows))
 
 
 def scatter(tree: Any, chunks: int) -> tuple[list[Any], list[int]]:

@@ -20,7 +20,7 @@ from runtime.checks import DeviceLike, check_args, check_schedule_option, parse_
 from runtime.errors import StageError
 from runtime.grads import copied, detached
 from runtime.interface import Const, check_written, write_back
-from runtime.microbatch import Reducer, bound, gather, scatter
+from runtime.microbatch import Reducer, bound, capped, gather, scatter
 from runtime.mutation import mutated_inputs
 from runtime.recovery.faults import StageTimeout
 from runtime.recovery.watch import gate
@@ -140,7 +140,7 @@ class Pipeline(nn.Module):
         self._deferred = DeferredBatchNorm(stages) if deferred_batch_norm else None
         # Inputs each stage mutates in place: a per-task backward hands it a private copy.
         self._mutated = [mutated_inputs(stage) for stage in stages]
-        self.chunks = chunks
+        self.chunks, self.min_rows = chunks, 1  # min_rows: of a micro-batch, on small batches
         self.checkpoint = checkpoint
         self.reducer = reducer
         self.on_task = on_task
@@ -193,7 +193,7 @@ class Pipeline(nn.Module):
         env = given = self._route.bind(tuple(args), dict(kwargs))
         if self._transfer.cpu_only:
             env = self._transfer.to_cpu(env)
-        batches, sizes = scatter(env, chunks)
+        batches, sizes = scatter(env, chunks := capped(env, chunks, self.min_rows))
         check_written(self._route.writes, env, sizes)
         reducer = bound(reducer, args, kwargs, chunks)  # a CountedMean: this call's counts
         record = self.last_run = RunRecord(sizes)

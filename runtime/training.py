@@ -40,7 +40,7 @@ from runtime.checks import check_schedule_option, check_training
 from runtime.executor import Executor, LossFn
 from runtime.grads import own, sum_grads, sum_stages, wants_grad
 from runtime.interface import refuse_writes
-from runtime.microbatch import scatter, tree_leaves
+from runtime.microbatch import capped, scatter, tree_leaves
 from runtime.route import CALLER
 from runtime.scheduling import by_caller, by_workers
 from runtime.stream import current_stream, wait_event
@@ -120,7 +120,8 @@ def _scatter(
     env = pipe._route.bind(tuple(args), dict(kwargs))
     if pipe._transfer.cpu_only:
         env, target = pipe._transfer.to_cpu((env, target))
-    batches, sizes = scatter({"inputs": env, "target": target}, pipe.chunks)
+    tree = {"inputs": env, "target": target}
+    batches, sizes = scatter(tree, capped(tree, pipe.chunks, pipe.min_rows))
     return [dict(b["inputs"]) for b in batches], [b["target"] for b in batches], sizes
 
 

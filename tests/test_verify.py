@@ -30,6 +30,8 @@ class _Scale(torch.autograd.Function):
 class _Stub:
     """A pipeline that runs the model, then bends its output or its gradient."""
 
+    chunks, min_rows = 1, 1  # one micro-batch, as a Pipeline says
+
     def __init__(
         self,
         model: nn.Module,

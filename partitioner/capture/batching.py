@@ -40,13 +40,14 @@ from partitioner.capture.checks import (
     preserved_state,
     square_loss,
 )
-from partitioner.errors import ModelSplitError
+from partitioner.errors import MicroBatchError, ModelSplitError
 from runtime.microbatch import Reducer, bound, gather, scatter
 
 __all__ = [
     "check_batch_independence",
     "differs",
     "gradient_difference",
+    "onednn_off",
     "training_batch_norms",
     "warn_ignored_labels",
     "warn_training_batch_norms",
@@ -212,7 +213,7 @@ def _cut_gradients(
     name, how = problem
     cause = ""
     if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
-        with torch.backends.mkldnn.flags(enabled=False):
+        with onednn_off():
             whole, parts = _runs(model, call, pieces, sizes, True, as_stages)
             with as_stages():
                 again = _check_gradients(model, params, whole, parts, sizes)
@@ -223,12 +224,23 @@ def _cut_gradients(
                 f"per stage, as the stages run; with torch.backends.mkldnn.enabled = False "
                 f"they agree, at some speed)"
             )
-    return ModelSplitError(
+    return MicroBatchError(
         f"{type(model).__name__}'s gradients depend on how the batch is cut: run as "
         f"{len(sizes)} micro-batches of {list(sizes)} rows its outputs agree with the whole "
         f"batch's, but the gradient of {name!r} {how}{cause}; use bigger micro-batches "
-        f"(fewer chunks) or chunks=1"
+        f"(fewer chunks) or chunks=1",
+        min(sizes),
     )
+
+
+@contextlib.contextmanager
+def onednn_off() -> Iterator[None]:
+    """oneDNN off, for a run that tells whether it is the cause (torch warns about TF32 on
+    Intel GPUs as it switches: not the user's business)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 def _threads_in(as_stages: Callable[[], contextlib.AbstractContextManager[Any]]) -> int:
@@ -284,26 +296,30 @@ def differs(whole: Any, split: Any, atol: float = ATOL) -> str | None:
 
 
 def _mixed(model: nn.Module, sizes: Sequence[int], problem: str) -> ModelSplitError:
-    return ModelSplitError(
+    return MicroBatchError(
         f"{type(model).__name__} mixes rows of the batch: run as {len(sizes)} micro-batches "
         f"of {list(sizes)} rows, as the pipeline runs it, {problem}. A split model would "
         f"return that silently; use chunks=1 (no micro-batching), or make every output row "
         f"depend on its own input row only (a statistic over the batch, a (B, B) similarity "
-        f"matrix and a batch-sized reshape do not)"
+        f"matrix and a batch-sized reshape do not)",
+        min(sizes),
+        any_cut=True,
     )
 
 
 def _reduced(
     model: nn.Module, sizes: Sequence[int], reducer: Any, problem: str
 ) -> ModelSplitError:
-    return ModelSplitError(
+    return MicroBatchError(
         f"{type(model).__name__} returns a value with no batch dimension (a loss?) that "
         f"reducer={reducer!r} does not rebuild from {len(sizes)} micro-batches of "
         f"{list(sizes)} rows: {problem}. 'mean' weights micro-batches by rows, which is not "
         f"the model's own reduction when it is not a mean over rows (a token-level loss "
         f"with ignored labels, -100): pass reducer=runtime.token_mean('labels', shift=1) "
         f"(a causal LM's shifted labels; shift=0 otherwise), which weights micro-batches by "
-        f"their counted tokens, or another reducer that rebuilds it, or use chunks=1"
+        f"their counted tokens, or another reducer that rebuilds it, or use chunks=1",
+        min(sizes),
+        any_cut=True,
     )
 
 

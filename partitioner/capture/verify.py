@@ -34,7 +34,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from partitioner.capture.batching import differs, gradient_difference
+from partitioner.capture.batching import differs, gradient_difference, onednn_off
 from partitioner.capture.checks import (
     GRAD_CHECK_BYTES,
     GRADS_OFF_KEY,
@@ -43,15 +43,17 @@ from partitioner.capture.checks import (
     preserved_state,
     square_loss,
 )
-from partitioner.errors import ModelSplitError
+from partitioner.errors import MicroBatchError
+from runtime.microbatch import capped
 
 __all__ = ["smallest_microbatch", "verify_compiled", "verify_smaller", "verify_split"]
 
 
-def smallest_microbatch(args: Sequence[Any], kwargs: Mapping[str, Any], chunks: int) -> int:
-    """Rows of the call's smallest micro-batch (`runtime.microbatch.scatter`'s split)."""
-    b = batch_size(tuple(args), dict(kwargs)) or 1
-    return b // max(1, min(chunks, b))
+def smallest_microbatch(args: Sequence[Any], kwargs: Mapping[str, Any], pipeline: Any) -> int:
+    """Rows of the call's smallest micro-batch (as ``pipeline`` splits it)."""
+    call = (tuple(args), dict(kwargs))
+    b = batch_size(*call) or 1
+    return b // max(1, min(capped(call, pipeline.chunks, pipeline.min_rows), b))
 
 
 def _gradients(compiled: Any) -> bool:
@@ -66,7 +68,7 @@ def verify_compiled(
     """`verify_split` on a freshly built ``compiled`` with the call that planned it; the
     smallest micro-batch it verified is kept on it for `verify_smaller`."""
     if verify_split(model, compiled.pipeline, args, kwargs, _gradients(compiled)):
-        compiled.verified = smallest_microbatch(args, kwargs, compiled.pipeline.chunks)
+        compiled.verified = smallest_microbatch(args, kwargs, compiled.pipeline)
 
 
 def verify_smaller(
@@ -76,7 +78,7 @@ def verify_smaller(
     so far on ``compiled`` (one that was verified at all): [Note: verifying the split]."""
     if compiled.verified is None:
         return
-    smallest = smallest_microbatch(args, kwargs, compiled.pipeline.chunks)
+    smallest = smallest_microbatch(args, kwargs, compiled.pipeline)
     if smallest < compiled.verified:
         on = f"this call (its micro-batches of {smallest} row(s) are the smallest yet)"
         verify_split(model, compiled.pipeline, args, kwargs, _gradients(compiled), on)
@@ -105,7 +107,7 @@ def verify_split(
         return True
     cause = ""
     if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
-        with torch.backends.mkldnn.flags(enabled=False):
+        with onednn_off():
             again = _compare(model, pipeline, args, kwargs, params, grads)
         if again is None:
             cause = (
@@ -113,10 +115,11 @@ def verify_split(
                 "torch's oneDNN kernels compute them differently on these micro-batches "
                 "in the stages' threads"
             )
-    raise ModelSplitError(
+    raise MicroBatchError(
         f"the split {type(model).__name__} does not match the unsplit model on {on}: "
         f"{problem}{cause}; use bigger micro-batches (fewer chunks) or chunks=1"
-        + (", or turn oneDNN off" if cause else "")
+        + (", or turn oneDNN off" if cause else ""),
+        smallest_microbatch(args, kwargs, pipeline),
     )
 
 
