@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from partitioner.planner.cost import Bandwidth, DeviceSpec, bandwidth_between, in_bandwidth
+from partitioner.planner.prefix import greedy_by_time
 
 __all__ = [
     "Indexed",
@@ -146,6 +147,8 @@ def _greedy(
     g: Indexed, specs: Sequence[DeviceSpec], bw: Bandwidth, cap: float, use_comm: bool
 ) -> list[int] | None:
     """Fill stages in order, each as far as its cost stays <= cap; None if it cannot."""
+    if not use_comm:  # the same fill on prefix sums, one binary search per stage
+        return greedy_by_time(g.time, g.mem, specs, cap)
     stage = [0] * g.n
     k, start, load, mem, comm = 0, 0, 0.0, 0, 0.0
     seen: set[int] = set()
