@@ -648,7 +648,7 @@ def main() -> None:
     parser.add_argument("--only", help="NAME[,NAME]: run these entries only")
     parser.add_argument("--quick", action="store_true", help="a CI-sized subset (10 models)")
     parser.add_argument("--json", default="/tmp/zoo.json", help="where the results go")
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds per model")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
     parser.add_argument("--list", action="store_true", help="list the entries and exit")
     parser.add_argument(
         "--strict",
