@@ -170,8 +170,9 @@ def _measured_backward(stage: nn.Module, args: tuple[Any, ...], runs: int) -> fl
 
 def test_node_backward_sums_to_the_stage_backward() -> None:
     """Each half of a 6-layer MLP run as its own module: its backward against the sum of its
-    nodes' bwd_time. Noise only adds time, so the stage's figure is its fastest run over up
-    to 4 rounds of 10 (a round ends the wait once both ratios are in range)."""
+    nodes' bwd_time. Noise only adds time, on both sides, so the stage's figure is its
+    fastest run over up to 4 rounds of 10 and the prediction the least of up to 4 profiles
+    (a round ends the wait once both ratios are in range)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared CPU: one thread per measurement is the steadiest
     try:
@@ -185,7 +186,11 @@ def test_node_backward_sums_to_the_stage_backward() -> None:
         inputs = _stage_inputs(gm, split, x)
         predicted = [sum(graph.nodes[v]["bwd_time"] for v in names) for names in halves]
         measured = [float("inf")] * 2
-        for _ in range(4):
+        for attempt in range(4):
+            if attempt:  # a profile taken during a burst of noise: take another
+                again = profile(gm, (x,), training=True, repeat=5)
+                sums = [sum(again.nodes[v]["bwd_time"] for v in names) for names in halves]
+                predicted = [min(p, s) for p, s in zip(predicted, sums, strict=True)]
             for j in range(2):
                 stage = getattr(split, f"submod_{j}")
                 measured[j] = min(measured[j], _measured_backward(stage, inputs[j], runs=10))
