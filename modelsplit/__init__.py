@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from partitioner import (
     DeviceSpec,
     InfeasiblePlanError,
+    MicroBatchError,
     ModelSplitError,
     Plan,
     PlanError,
@@ -56,6 +57,7 @@ __all__ = [
     "DeviceFailure",
     "DeviceSpec",
     "InfeasiblePlanError",
+    "MicroBatchError",
     "ModelSplitError",
     "ModelSplitter",
     "Pipeline",

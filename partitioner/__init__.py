@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from partitioner.errors import InfeasiblePlanError, ModelSplitError, PlanError, TraceError
+from partitioner.errors import (
+    InfeasiblePlanError,
+    MicroBatchError,
+    ModelSplitError,
+    PlanError,
+    TraceError,
+)
 from partitioner.planner.cost import DeviceSpec, evaluate
 from partitioner.planner.plan import Plan
 
@@ -24,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DeviceSpec",
     "InfeasiblePlanError",
+    "MicroBatchError",
     "ModelSplitError",
     "ModelSplitter",
     "Plan",
