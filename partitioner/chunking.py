@@ -110,7 +110,9 @@ def verify_call(
         try:
             return verify_smaller(model, compiled, args, kwargs)
         except MicroBatchError as exc:
-            bigger = next_cut(compiled.cut, exc, batch) if auto else None
+            pipe = compiled.pipeline
+            cut = compiled.cut or Cut(pipe.chunks, pipe.min_rows)
+            bigger = next_cut(cut, exc, batch) if auto else None
             if bigger is None:
                 raise
             _warn(model, exc, bigger)
