@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from partitioner.capture.checks import batch_size, first_line
+from partitioner.capture.checks import first_line
 from partitioner.capture.verify import verify_smaller
 from partitioner.errors import MicroBatchError
 from runtime.microbatch import capped
@@ -52,15 +52,31 @@ class Cut:
         return capped((tuple(args), dict(kwargs)), self.chunks, self.min_rows)
 
 
-def next_cut(cut: Cut, exc: MicroBatchError, batch: int) -> Cut | None:
-    """The cut to plan with after ``exc`` on a call of ``batch`` rows; None when the call
-    already runs as one micro-batch (nothing is left to try)."""
-    count = max(1, min(cut.chunks, batch // cut.min_rows)) if batch else 1
+def next_cut(cut: Cut, exc: MicroBatchError, count: int) -> Cut | None:
+    """The cut to plan with after ``exc`` on a call ``cut`` runs as ``count`` micro-batches;
+    None when that is one already (nothing is left to try)."""
     if count <= 1:
         return None
     if exc.any_cut:
         return Cut(1)
     return Cut(cut.chunks, max(cut.min_rows, exc.rows) * 2)
+
+
+def _bigger(
+    model: nn.Module,
+    exc: MicroBatchError,
+    cut: Cut,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    auto: bool,
+) -> Cut:
+    """The cut to try after ``exc``, said in a warning; ``exc`` again when not ``auto`` or
+    when nothing is left to try."""
+    bigger = next_cut(cut, exc, cut.count(args, kwargs)) if auto else None
+    if bigger is None:
+        raise exc
+    _warn(model, exc, bigger)
+    return bigger
 
 
 def _warn(model: nn.Module, exc: MicroBatchError, cut: Cut) -> None:
@@ -74,7 +90,7 @@ def _warn(model: nn.Module, exc: MicroBatchError, cut: Cut) -> None:
         f"runs {how} instead ([Note: choosing micro-batches]; pass chunks= to choose, and "
         f"get this as an error)",
         UserWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -88,16 +104,11 @@ def choose_cut(
 ) -> T:
     """``build(cut)``, again with bigger micro-batches after each `MicroBatchError` when
     ``auto`` ([Note: choosing micro-batches])."""
-    batch = batch_size(tuple(args), dict(kwargs)) or 0
     while True:
         try:
             return build(cut)
         except MicroBatchError as exc:
-            bigger = next_cut(cut, exc, batch) if auto else None
-            if bigger is None:
-                raise
-            _warn(model, exc, bigger)
-            cut = bigger
+            cut = _bigger(model, exc, cut, args, kwargs, auto)
 
 
 def verify_call(
@@ -105,16 +116,11 @@ def verify_call(
 ) -> None:
     """`verify_smaller` on this call; with ``auto``, a mismatch moves ``compiled`` (its cut
     and its pipeline) to bigger micro-batches instead of raising, as `choose_cut` does."""
-    batch = batch_size(tuple(args), dict(kwargs)) or 0
     while True:
         try:
             return verify_smaller(model, compiled, args, kwargs)
         except MicroBatchError as exc:
             pipe = compiled.pipeline
             cut = compiled.cut or Cut(pipe.chunks, pipe.min_rows)
-            bigger = next_cut(cut, exc, batch) if auto else None
-            if bigger is None:
-                raise
-            _warn(model, exc, bigger)
-            compiled.cut = bigger
-            compiled.pipeline.chunks, compiled.pipeline.min_rows = bigger.chunks, bigger.min_rows
+            compiled.cut = cut = _bigger(model, exc, cut, args, kwargs, auto)
+            pipe.chunks, pipe.min_rows = cut.chunks, cut.min_rows

@@ -167,7 +167,7 @@ def capped(tree: Any, chunks: int, min_rows: int = 1) -> int:
     """How many micro-batches ``tree`` splits into with at most ``chunks`` of at least
     ``min_rows`` rows each (one at least)."""
     size = batch_size(tree)
-    return chunks if not size or min_rows <= 1 else max(1, min(chunks, size // min_rows))
+    return chunks if not size else max(1, min(chunks, size // min_rows))
 
 
 def scatter(tree: Any, chunks: int) -> tuple[list[Any], list[int]]:

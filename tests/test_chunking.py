@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from test_batching import OneRowGrads
 from torch import nn
 
 from partitioner import ModelSplitter
@@ -14,28 +15,14 @@ from partitioner.chunking import Cut, next_cut
 from partitioner.errors import MicroBatchError
 
 
-class _OneRowQuirk(torch.autograd.Function):
-    """The identity, whose backward is wrong on one-row batches (as torch 2.14.1's oneDNN
-    convolutions are at one intra-op thread)."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        ctx.rows = x.shape[0]  # type: ignore[attr-defined]
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        return grad * 1.5 if ctx.rows == 1 else grad  # type: ignore[attr-defined]
-
-
-class Quirk(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OneRowQuirk.apply(x)  # type: ignore[no-any-return]
-
-
 def _quirky() -> nn.Module:
+    """OneRowGrads: a Linear whose backward is wrong on one-row batches (as torch 2.14.1's
+    oneDNN convolutions are at one intra-op thread), kept a leaf so fx does not trace through
+    its autograd.Function."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), Quirk(), nn.Linear(8, 8), nn.Linear(8, 8))
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), OneRowGrads(), nn.Linear(16, 8), nn.Linear(8, 8)
+    )
 
 
 class Centred(nn.Module):
@@ -63,11 +50,14 @@ def _exact(splitter: ModelSplitter, model: nn.Module, x: torch.Tensor) -> None:
 
 def test_next_cut_doubles_the_failing_rows_and_stops_at_one_micro_batch() -> None:
     fewer = MicroBatchError("x", rows=1)
-    assert next_cut(Cut(8), fewer, batch=4) == Cut(8, 2)
-    assert next_cut(Cut(8, 2), MicroBatchError("x", rows=2), batch=4) == Cut(8, 4)
-    assert next_cut(Cut(8, 4), MicroBatchError("x", rows=4), batch=4) is None  # one already
-    assert next_cut(Cut(8), MicroBatchError("x", rows=1, any_cut=True), batch=4) == Cut(1)
-    assert next_cut(Cut(1), MicroBatchError("x", rows=4, any_cut=True), batch=4) is None
+    at4 = (torch.randn(4, 2),), {}  # a batch of 4
+    assert Cut(8).count(*at4) == 4
+    assert next_cut(Cut(8), fewer, Cut(8).count(*at4)) == Cut(8, 2)
+    assert next_cut(Cut(8, 2), MicroBatchError("x", rows=2), Cut(8, 2).count(*at4)) == Cut(8, 4)
+    assert Cut(8, 4).count(*at4) == 1
+    assert next_cut(Cut(8, 4), MicroBatchError("x", rows=4), 1) is None  # one already
+    assert next_cut(Cut(8), MicroBatchError("x", rows=1, any_cut=True), 4) == Cut(1)
+    assert next_cut(Cut(1), MicroBatchError("x", rows=4, any_cut=True), 1) is None
     assert Cut(8, 2).count((torch.randn(3, 2),), {}) == 1
     assert Cut(8, 2).count((torch.randn(64, 2),), {}) == 8  # big batches keep every chunk
 
@@ -77,7 +67,7 @@ def test_left_out_chunks_pick_bigger_micro_batches_where_small_ones_are_wrong() 
     x = torch.randn(4, 8)
     with pytest.warns(UserWarning, match=r"gradient.*micro-batches of at least 2 rows instead"):
         splitter = ModelSplitter(
-            model, num_devices=2, example_inputs=(x,), leaf_modules=[Quirk], time_limit=5
+            model, num_devices=2, example_inputs=(x,), leaf_modules=[OneRowGrads], time_limit=5
         )
     pipe = splitter.pipeline
     assert (pipe.chunks, pipe.min_rows) == (4, 2)
@@ -98,7 +88,7 @@ def test_given_chunks_raise_instead() -> None:
             num_devices=2,
             chunks=4,
             example_inputs=(torch.randn(4, 8),),
-            leaf_modules=[Quirk],
+            leaf_modules=[OneRowGrads],
             time_limit=5,
         )
 
@@ -106,7 +96,7 @@ def test_given_chunks_raise_instead() -> None:
 def test_a_later_smaller_call_takes_bigger_micro_batches_too() -> None:
     model = _quirky().eval()
     splitter = ModelSplitter(
-        model, num_devices=2, example_inputs=(torch.randn(8, 8),), leaf_modules=[Quirk]
+        model, num_devices=2, example_inputs=(torch.randn(8, 8),), leaf_modules=[OneRowGrads]
     )
     assert splitter.pipeline.min_rows == 1  # 2-row micro-batches are right
     with pytest.warns(UserWarning, match=r"smallest yet.*at least 2 rows instead"):

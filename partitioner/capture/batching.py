@@ -91,7 +91,7 @@ def check_batch_independence(
     """Raise `ModelSplitError` when ``chunks`` micro-batches of the example call give
     another output than the whole batch: see [Note: batch independence]. The micro-batches
     run inside ``as_stages()`` (the stages' intra-op threads)."""
-    call = fresh((tuple(args), dict(kwargs)))  # the caller's inputs are never written to
+    call = (tuple(args), dict(kwargs))  # every run below takes copies: never written to
     batch = batch_size(*call)
     if chunks < 2 or batch is None or batch < 2 or _on_meta(model, call):
         return

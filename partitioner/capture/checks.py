@@ -132,9 +132,10 @@ def _both(model: nn.Module, gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> s
         torch.manual_seed(0)
         actual = run_program(gm, *theirs)
     problem = _difference(expected, actual)
-    if problem is None and _difference(mine, theirs) is not None:
-        return f"the inputs it leaves differ from the model's: {_difference(mine, theirs)}"
-    return problem
+    written = _difference(mine, theirs) if problem is None else None
+    return (
+        problem if written is None else f"the inputs it leaves differ from the model's: {written}"
+    )
 
 
 def fresh(tree: T) -> T:
